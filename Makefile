@@ -1,0 +1,32 @@
+# `make test`: set up a local virtual environment and run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install install-dev test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Runtime only (what `make train` needs).
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Runtime + torch (parity reference, checkpoint import) + test tools.
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[torch,dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+test: install-dev
+	JAX_PLATFORMS=cpu $(PY) -m pytest tests
+
+bench: install-dev
+	JAX_PLATFORMS=cpu $(PY) benchmarks/ops.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

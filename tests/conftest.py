@@ -1,0 +1,62 @@
+"""Test setup: CPU JAX with 8 simulated devices, torch/shared-data availability policy.
+
+Outside CI a missing optional dependency (torch) or missing ../shared data skips the
+tests that need it, with a message; in CI (CI=true) they fail instead, so a broken CI
+environment can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before JAX initialises its backends.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import importlib
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _unavailable(message: str):
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: required in CI, failing instead of skipping)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """The torch module; fails in CI and skips elsewhere when the torch extra is missing."""
+    try:
+        mod = importlib.import_module("torch")
+        importlib.import_module("torchvision")
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        _unavailable(f"torch/torchvision not installed ({e}); install the extra: pip install -e '.[torch]'")
+    mod.set_num_threads(2)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def torchvision(torch):
+    return importlib.import_module("torchvision")
+
+
+def shared_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("FRCNN_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """Path of ../shared (real data for tests); fails in CI and skips elsewhere when missing."""
+    path = shared_dir()
+    if not (path / "data").is_dir():
+        _unavailable(f"shared test data not found at {path} (set FRCNN_SHARED)")
+    return path
