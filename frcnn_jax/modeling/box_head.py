@@ -1,0 +1,103 @@
+"""Box heads (C4 res5 head, FPN two-MLP head) and the class/box predictor."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from frcnn_jax.modeling.resnet import RESNET_SPECS, ResNetStage
+from frcnn_jax.ops import losses
+
+
+class Res5Head(nn.Module):
+    """The C4 box head: ResNet stage 4 (`layer4`, first block stride 2) + average pool.
+
+    [R, S, S, C] pooled ROI features -> [R, C_out] (ResNet-50: [R, 14, 14, 1024] ->
+    layer4 [R, 7, 7, 2048] -> mean over the 7x7 cells -> [R, 2048]).
+    """
+
+    depth: int = 50
+    width: int = 64
+    stride_in_1x1: bool = False
+    bn_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        blocks = RESNET_SPECS[self.depth][1]
+        x = ResNetStage(
+            self.depth,
+            self.width * 8,
+            blocks[3],
+            stride=2,
+            stride_in_1x1=self.stride_in_1x1,
+            bn_eps=self.bn_eps,
+            dtype=self.dtype,
+            zero_init_residual=self.zero_init_residual,
+            name="layer4",
+        )(x.astype(self.dtype))
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class TwoMLPHead(nn.Module):
+    """torchvision's FPN box head: flatten -> fc6 -> relu -> fc7 -> relu.
+
+    [R, 7, 7, C] -> [R, representation_size]. The flatten order is NHWC (y, x, c); the
+    checkpoint converter permutes torchvision's (c, y, x) fc6 columns to match.
+    """
+
+    representation_size: int = 1024
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1).astype(self.dtype)
+        x = nn.relu(nn.Dense(self.representation_size, dtype=self.dtype, name="fc6")(x))
+        x = nn.relu(nn.Dense(self.representation_size, dtype=self.dtype, name="fc7")(x))
+        return x.astype(jnp.float32)
+
+
+class FastRCNNPredictor(nn.Module):
+    """[R, D] -> class logits [R, num_classes], class-specific deltas [R, num_classes, 4]."""
+
+    num_classes: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        # maskrcnn-benchmark / Detectron init: N(0, 0.01) scores, N(0, 0.001) deltas, zero biases.
+        cls = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01), name="cls_score")
+        box = nn.Dense(
+            4 * self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.normal(0.001), name="bbox_pred"
+        )
+        x = x.astype(self.dtype)
+        logits = cls(x).astype(jnp.float32)
+        deltas = box(x).astype(jnp.float32).reshape(x.shape[0], self.num_classes, 4)
+        return logits, deltas
+
+
+def box_head_loss(class_logits, box_deltas, targets, *, beta: float = 1.0):
+    """Fast R-CNN loss over a batch of sampled ROIs.
+
+    Args:
+      class_logits: [B, S, K]; box_deltas: [B, S, K, 4] class-specific deltas.
+      targets: dict from `training.targets.box_head_targets`, batched: labels [B, S],
+        targets [B, S, 4], valid [B, S].
+      beta: smooth-L1 beta: 1.0 as maskrcnn-benchmark / Detectron (torchvision's
+        `fastrcnn_loss` uses 1/9).
+    Returns:
+      (loss_classifier, loss_box_reg): softmax cross-entropy averaged over the sampled
+      ROIs, and smooth-L1 on the deltas of each foreground ROI's own class, summed and
+      divided by the number of sampled ROIs.
+    """
+    labels, valid = targets["labels"], targets["valid"]
+    count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    ce = losses.softmax_cross_entropy(class_logits.astype(jnp.float32), labels)
+    loss_cls = jnp.sum(jnp.where(valid, ce, 0.0)) / count
+    fg = valid & (labels > 0)
+    pred = jnp.take_along_axis(box_deltas.astype(jnp.float32), labels[..., None, None], axis=-2)[..., 0, :]
+    reg = losses.smooth_l1(pred - targets["targets"], beta).sum(-1)
+    loss_box = jnp.sum(jnp.where(fg, reg, 0.0)) / count
+    return loss_cls, loss_box

@@ -1,0 +1,47 @@
+"""Feature Pyramid Network as torchvision builds it for `fasterrcnn_resnet50_fpn` (v1)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from frcnn_jax.modeling.conv import Conv
+
+
+def upsample_nearest(x, out_hw: tuple[int, int]):
+    """torch `F.interpolate(mode="nearest")` to a static size: src = floor(dst * in / out).
+
+    x: [N, H, W, C] -> [N, out_h, out_w, C].
+    """
+    _, h, w, _ = x.shape
+    ys = np.minimum(np.floor(np.arange(out_hw[0], dtype=np.float32) * np.float32(h / out_hw[0])), h - 1)
+    xs = np.minimum(np.floor(np.arange(out_hw[1], dtype=np.float32) * np.float32(w / out_hw[1])), w - 1)
+    return jnp.take(jnp.take(x, ys.astype(np.int32), axis=1), xs.astype(np.int32), axis=2)
+
+
+class FPN(nn.Module):
+    """Laterals (1x1) + top-down nearest upsampling + 3x3 outputs, then P6 = P5[::2, ::2].
+
+    Input: [C2, C3, C4, C5] NHWC maps. Output: [P2, P3, P4, P5, P6], `channels` each.
+    """
+
+    channels: int = 256
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, xs: Sequence[jax.Array]):
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming_uniform_(a=1)
+        inner = [Conv(self.channels, 1, dtype=self.dtype, kernel_init=init, name=f"inner_blocks_{i}") for i in range(len(xs))]
+        layer = [Conv(self.channels, 3, dtype=self.dtype, kernel_init=init, name=f"layer_blocks_{i}") for i in range(len(xs))]
+        last = inner[-1](xs[-1])
+        results = [layer[-1](last)]
+        for i in range(len(xs) - 2, -1, -1):
+            lateral = inner[i](xs[i])
+            last = lateral + upsample_nearest(last, lateral.shape[1:3])
+            results.insert(0, layer[i](last))
+        results.append(results[-1][:, ::2, ::2, :])  # torchvision LastLevelMaxPool: max_pool2d(k=1, s=2)
+        return results

@@ -1,0 +1,217 @@
+"""ResNet with frozen batch norm, NHWC, parameter names mirroring torchvision.
+
+The module tree is named like torchvision's `ResNet` (`conv1`, `bn1`, `layer1`...,
+blocks `"0"`, `"1"`, ... with `conv1..3`, `bn1..3`, `downsample_0/1`), so a
+torchvision state dict maps onto it key by key (see `frcnn_jax.convert`).
+
+Frozen batch norm keeps torchvision's four buffers (weight, bias, running_mean,
+running_var) in the `"frozen"` variable collection: they are constants, never
+trained, and computed as torchvision's `FrozenBatchNorm2d` does:
+`x * (w * rsqrt(var + eps)) + (b - mean * w * rsqrt(var + eps))`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from frcnn_jax.modeling.conv import Conv
+
+# depth -> (block kind, blocks per stage)
+RESNET_SPECS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+
+
+class FrozenBatchNorm(nn.Module):
+    """Per-channel affine from frozen BN statistics. x: [..., C] -> [..., C]."""
+
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        weight = self.variable("frozen", "weight", jnp.ones, (c,), jnp.float32).value
+        bias = self.variable("frozen", "bias", jnp.zeros, (c,), jnp.float32).value
+        mean = self.variable("frozen", "running_mean", jnp.zeros, (c,), jnp.float32).value
+        var = self.variable("frozen", "running_var", jnp.ones, (c,), jnp.float32).value
+        scale = weight * jax.lax.rsqrt(var + self.eps)
+        shift = bias - mean * scale
+        return x * scale.astype(self.dtype) + shift.astype(self.dtype)
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype, use_bias: bool = False, kernel_init=None):
+    """A torch-style conv: symmetric padding kernel // 2, HWIO kernel, no bias by default."""
+    kwargs = {} if kernel_init is None else {"kernel_init": kernel_init}
+    return Conv(features, kernel, stride, use_bias=use_bias, dtype=dtype, name=name, **kwargs)
+
+
+_he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_(fan_out)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride in the 3x3 conv unless stride_in_1x1). [N,H,W,Cin] -> [N,H/s,W/s,4*width]."""
+
+    width: int
+    stride: int = 1
+    downsample: bool = False
+    stride_in_1x1: bool = False
+    bn_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    zero_init_residual: bool = False
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+        bn = lambda name: FrozenBatchNorm(self.bn_eps, self.dtype, name=name)  # noqa: E731
+        out = conv(self.width, 1, s1, name="conv1", dtype=self.dtype, kernel_init=_he_init)(x)
+        out = nn.relu(bn("bn1")(out))
+        out = conv(self.width, 3, s3, name="conv2", dtype=self.dtype, kernel_init=_he_init)(out)
+        out = nn.relu(bn("bn2")(out))
+        last_init = nn.initializers.zeros if self.zero_init_residual else _he_init
+        out = conv(self.width * 4, 1, name="conv3", dtype=self.dtype, kernel_init=last_init)(out)
+        out = bn("bn3")(out)
+        if self.downsample:
+            x = conv(self.width * 4, 1, self.stride, name="downsample_0", dtype=self.dtype, kernel_init=_he_init)(x)
+            x = bn("downsample_1")(x)
+        return nn.relu(out + x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block. [N,H,W,Cin] -> [N,H/s,W/s,width]."""
+
+    width: int
+    stride: int = 1
+    downsample: bool = False
+    stride_in_1x1: bool = False  # unused: kept so both block kinds share a signature
+    bn_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    zero_init_residual: bool = False
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        bn = lambda name: FrozenBatchNorm(self.bn_eps, self.dtype, name=name)  # noqa: E731
+        out = conv(self.width, 3, self.stride, name="conv1", dtype=self.dtype, kernel_init=_he_init)(x)
+        out = nn.relu(bn("bn1")(out))
+        last_init = nn.initializers.zeros if self.zero_init_residual else _he_init
+        out = conv(self.width, 3, name="conv2", dtype=self.dtype, kernel_init=last_init)(out)
+        out = bn("bn2")(out)
+        if self.downsample:
+            x = conv(self.width, 1, self.stride, name="downsample_0", dtype=self.dtype, kernel_init=_he_init)(x)
+            x = bn("downsample_1")(x)
+        return nn.relu(out + x)
+
+
+def block_class(depth: int):
+    if depth not in RESNET_SPECS:
+        raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got {depth}")
+    return Bottleneck if RESNET_SPECS[depth][0] == "bottleneck" else BasicBlock
+
+
+def stage_channels(depth: int, width: int, stage: int) -> int:
+    """Output channels of stage `stage` (1..4): width * 2**(stage-1) * expansion."""
+    return width * 2 ** (stage - 1) * block_class(depth).expansion
+
+
+class ResNetStage(nn.Module):
+    """One stage (`layer1`..`layer4`): `num_blocks` blocks, the first with stride and downsample."""
+
+    depth: int
+    width: int
+    num_blocks: int
+    stride: int
+    stride_in_1x1: bool = False
+    bn_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        block = block_class(self.depth)
+        in_ch = x.shape[-1]
+        for i in range(self.num_blocks):
+            first = i == 0
+            x = block(
+                self.width,
+                stride=self.stride if first else 1,
+                downsample=first and (self.stride != 1 or in_ch != self.width * block.expansion),
+                stride_in_1x1=self.stride_in_1x1,
+                bn_eps=self.bn_eps,
+                dtype=self.dtype,
+                zero_init_residual=self.zero_init_residual,
+                name=str(i),
+            )(x)
+        return x
+
+
+class ResNet(nn.Module):
+    """ResNet trunk returning the outputs of stages 1..`num_stages`.
+
+    Input: [N, H, W, 3] normalised images. Output: dict {"layer1": [N, H/4, W/4, C1], ...,
+    f"layer{num_stages}": ...}; stage s has stride 2**(s+1) and `stage_channels(depth,
+    width, s)` channels (ResNet-50: 256, 512, 1024, 2048).
+
+    `freeze_at` follows Detectron2: 0 trains everything, 1 freezes the stem, 2 the stem
+    and `layer1` (the maskrcnn-benchmark / torchvision default), k the stem and stages
+    1..k-1. Frozen parts get no gradient here (`stop_gradient`); the optimiser also
+    masks them (`frozen_param_prefixes`) so weight decay leaves them unchanged.
+
+    `zero_init_residual` initialises the last conv of every residual branch to zero, so
+    each block starts as the identity: with frozen (identity) batch norm this keeps a
+    network trained from scratch stable (the Fixup / "zero-init residual" idea).
+    """
+
+    depth: int = 50
+    width: int = 64
+    num_stages: int = 3
+    stride_in_1x1: bool = False
+    freeze_at: int = 2
+    bn_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x) -> dict[str, jax.Array]:
+        block_class(self.depth)  # validates the depth
+        blocks = RESNET_SPECS[self.depth][1]
+        x = x.astype(self.dtype)
+        x = conv(self.width, 7, 2, name="conv1", dtype=self.dtype, kernel_init=_he_init)(x)
+        x = nn.relu(FrozenBatchNorm(self.bn_eps, self.dtype, name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.freeze_at >= 1:
+            x = jax.lax.stop_gradient(x)
+        outputs = {}
+        for s in range(1, self.num_stages + 1):
+            x = ResNetStage(
+                self.depth,
+                self.width * 2 ** (s - 1),
+                blocks[s - 1],
+                stride=1 if s == 1 else 2,
+                stride_in_1x1=self.stride_in_1x1,
+                bn_eps=self.bn_eps,
+                dtype=self.dtype,
+                zero_init_residual=self.zero_init_residual,
+                name=f"layer{s}",
+            )(x)
+            if self.freeze_at >= s + 1:
+                x = jax.lax.stop_gradient(x)
+            outputs[f"layer{s}"] = x
+        return outputs
+
+
+def frozen_param_prefixes(freeze_at: int) -> tuple[str, ...]:
+    """Names of the trunk's top-level submodules that `freeze_at` freezes ("conv1", "layer1", ...)."""
+    prefixes = []
+    if freeze_at >= 1:
+        prefixes.append("conv1")
+    prefixes += [f"layer{s}" for s in range(1, freeze_at)]
+    return tuple(prefixes)

@@ -1,0 +1,130 @@
+"""Region Proposal Network: the head (3x3 conv, objectness and deltas) and proposals.
+
+Proposals follow torchvision's `RegionProposalNetwork.filter_proposals` step by step,
+with static shapes: per level keep the top-k anchors by objectness, decode them, clip
+to the image's true size, mask boxes below `min_size` and scores below
+`score_thresh`, NMS across levels (each level its own class), and keep a fixed
+`post_nms_top_n` boxes per image with a validity mask.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from frcnn_jax import ops
+from frcnn_jax.ops import losses
+from frcnn_jax.modeling.conv import Conv
+
+
+class RPNHead(nn.Module):
+    """Shared over levels: relu(conv3x3) -> 1x1 objectness [A] and 1x1 deltas [4A].
+
+    Input: list of [N, H_l, W_l, C] maps. Output: (objectness [N, H_l*W_l*A] per level,
+    deltas [N, H_l*W_l*A, 4] per level), flattened in anchor order (y, x, a) — the same
+    order as `ops.generate_anchors` and torchvision.
+    """
+
+    num_anchors: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array]):
+        init = nn.initializers.normal(0.01)  # torchvision: normal(std=0.01), bias 0
+        conv = Conv(features[0].shape[-1], 3, dtype=self.dtype, kernel_init=init, name="conv")
+        cls_logits = Conv(self.num_anchors, 1, dtype=self.dtype, kernel_init=init, name="cls_logits")
+        bbox_pred = Conv(4 * self.num_anchors, 1, dtype=self.dtype, kernel_init=init, name="bbox_pred")
+        objectness, deltas = [], []
+        for f in features:
+            t = nn.relu(conv(f))
+            n = f.shape[0]
+            objectness.append(cls_logits(t).reshape(n, -1).astype(jnp.float32))
+            deltas.append(bbox_pred(t).reshape(n, -1, 4).astype(jnp.float32))
+        return objectness, deltas
+
+
+def level_anchors(canvas_hw, feature_hws, sizes_per_level, aspect_ratios):
+    """Anchors per level for a static canvas: list of [H_l*W_l*A, 4] float32.
+
+    The stride is canvas size // feature size per axis, as torchvision derives it.
+    """
+    out = []
+    for (fh, fw), sizes in zip(feature_hws, sizes_per_level):
+        stride = (canvas_hw[0] // fh, canvas_hw[1] // fw)
+        out.append(ops.generate_anchors((fh, fw), stride, sizes, aspect_ratios))
+    return out
+
+
+def select_proposals(
+    objectness: Sequence[jax.Array],
+    deltas: Sequence[jax.Array],
+    anchors: Sequence[jax.Array],
+    image_size,
+    *,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    min_size: float,
+    score_thresh: float,
+):
+    """Proposals of ONE image (vmap over the batch).
+
+    Args:
+      objectness: per level [N_l] logits. deltas: per level [N_l, 4]. anchors: per level [N_l, 4].
+      image_size: [2] (h, w) of the true (unpadded) image inside the canvas; may be traced.
+      pre_nms_top_n: anchors kept per level before NMS (capped at N_l).
+      post_nms_top_n: proposals returned (static).
+    Returns:
+      boxes [post_nms_top_n, 4] float32 (zeros where invalid), scores [post_nms_top_n]
+      (sigmoid objectness, 0 where invalid), valid [post_nms_top_n] bool. Valid entries
+      come first, in decreasing score order: torchvision's proposals for this image.
+    """
+    boxes, logits, lvls = [], [], []
+    for lvl, (obj, dlt, anc) in enumerate(zip(objectness, deltas, anchors)):
+        k = min(pre_nms_top_n, obj.shape[0])
+        top, idx = jax.lax.top_k(jax.lax.stop_gradient(obj), k)
+        d = jax.lax.stop_gradient(dlt)[idx]
+        boxes.append(ops.decode_boxes(d, anc[idx]))
+        logits.append(top)
+        lvls.append(jnp.full((k,), lvl, jnp.int32))
+    boxes = jnp.concatenate(boxes)
+    scores = jax.nn.sigmoid(jnp.concatenate(logits))
+    lvls = jnp.concatenate(lvls)
+    boxes = ops.clip_boxes(boxes, image_size[0], image_size[1])
+    valid = ~ops.small_box_mask(boxes, min_size) & (scores >= score_thresh)
+    if len(objectness) == 1:
+        keep = ops.nms(boxes, scores, nms_thresh, post_nms_top_n, valid=valid)
+    else:
+        keep = ops.batched_nms(boxes, scores, lvls, nms_thresh, post_nms_top_n, valid=valid)
+    ok = keep >= 0
+    safe = jnp.maximum(keep, 0)
+    return (
+        jnp.where(ok[:, None], boxes[safe], 0.0),
+        jnp.where(ok, scores[safe], 0.0),
+        ok,
+    )
+
+
+def rpn_loss(objectness, deltas, targets, *, beta: float = 1.0 / 9):
+    """torchvision's RPN loss over a batch.
+
+    Args:
+      objectness: [B, N] logits (all levels concatenated); deltas: [B, N, 4].
+      targets: dict from `training.targets.rpn_targets`, batched: targets [B, N, 4],
+        positive [B, N], negative [B, N] sampled masks.
+    Returns:
+      (loss_objectness, loss_rpn_box_reg): binary cross-entropy averaged over the
+      sampled anchors, and smooth-L1 (beta 1/9) summed over the positives divided by
+      the number of sampled anchors — both over the whole batch, as torchvision does.
+    """
+    pos, neg = targets["positive"], targets["negative"]
+    sampled = pos | neg
+    count = jnp.maximum(jnp.sum(sampled), 1).astype(jnp.float32)
+    bce = losses.sigmoid_binary_cross_entropy(objectness.astype(jnp.float32), pos.astype(jnp.float32))
+    loss_obj = jnp.sum(jnp.where(sampled, bce, 0.0)) / count
+    reg = losses.smooth_l1(deltas.astype(jnp.float32) - targets["targets"], beta).sum(-1)
+    loss_box = jnp.sum(jnp.where(pos, reg, 0.0)) / count
+    return loss_obj, loss_box

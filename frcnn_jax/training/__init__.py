@@ -1,0 +1,1 @@
+"""Training: target assignment (matcher, sampler, targets), optimiser, train step, checkpoints."""

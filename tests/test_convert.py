@@ -1,0 +1,92 @@
+"""torchvision state dict -> model checkpoint: layouts, errors, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from frcnn_jax import checkpoint, convert
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def fpn_state_dict(torch, tmp_path_factory):
+    import torch_reference as tr
+
+    torch.manual_seed(0)
+    sd = tr.build_fpn(num_classes=91).state_dict()
+    path = tmp_path_factory.mktemp("fpn") / "fpn.pth"
+    torch.save(sd, path)
+    return path, {k: v.numpy() for k, v in sd.items()}
+
+
+def test_fpn_conversion_layouts(fpn_state_dict, tmp_path):
+    path, sd = fpn_state_dict
+    out = convert.convert("fasterrcnn_resnet50_fpn", path, tmp_path / "ck")
+    cfg, v, meta = checkpoint.load_model(out)
+    assert cfg.arch == "fpn" and cfg.num_classes == 91 and cfg.bn_eps == 0.0
+    assert meta["class_names"][1] == "person" and meta["label_to_category_id"]["1"] == 1
+    p, f = v["params"], v["frozen"]
+    np.testing.assert_array_equal(p["backbone"]["body"]["conv1"]["kernel"], sd["backbone.body.conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        f["backbone"]["body"]["layer2"]["0"]["downsample_1"]["running_var"], sd["backbone.body.layer2.0.downsample.1.running_var"]
+    )
+    np.testing.assert_array_equal(p["rpn"]["head"]["conv"]["bias"], sd["rpn.head.conv.0.0.bias"])
+    np.testing.assert_array_equal(p["backbone"]["fpn"]["inner_blocks_3"]["bias"], sd["backbone.fpn.inner_blocks.3.0.bias"])
+    np.testing.assert_array_equal(p["roi_heads"]["box_predictor"]["bbox_pred"]["kernel"], sd["roi_heads.box_predictor.bbox_pred.weight"].T)
+    # fc6 columns: torchvision flattens (c, y, x), we flatten (y, x, c)
+    w = sd["roi_heads.box_head.fc6.weight"]  # [1024, 256 * 7 * 7]
+    ours = p["roi_heads"]["box_head"]["fc6"]["kernel"]  # [7 * 7 * 256, 1024]
+    c, y, x = 5, 2, 3
+    np.testing.assert_array_equal(ours[(y * 7 + x) * 256 + c], w[:, c * 49 + y * 7 + x])
+
+
+def test_errors_name_the_keys(fpn_state_dict, tmp_path, torch):
+    path, sd = fpn_state_dict
+    # an FPN state dict is not a C4 one, nor a plain ResNet
+    with pytest.raises(convert.ConversionError, match="looks like fasterrcnn_resnet50_fpn"):
+        convert.convert("fasterrcnn_resnet50_c4", path, tmp_path / "c4")
+    with pytest.raises(convert.ConversionError, match="looks like fasterrcnn_resnet50_fpn"):
+        convert.convert("resnet50", path, tmp_path / "r50")
+    bad = dict(sd)
+    del bad["backbone.body.layer1.0.conv2.weight"]
+    bad["extra.weight"] = np.zeros(3, np.float32)
+    bad["rpn.head.bbox_pred.bias"] = np.zeros(5, np.float32)
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in bad.items()}, tmp_path / "bad.pth")
+    with pytest.raises(convert.ConversionError) as err:
+        convert.convert("fasterrcnn_resnet50_fpn", tmp_path / "bad.pth", tmp_path / "out")
+    msg = str(err.value)
+    assert "backbone.body.layer1.0.conv2.weight" in msg
+    assert "unexpected keys (1): extra.weight" in msg
+    assert "rpn.head.bbox_pred.bias: checkpoint (5,), model expects (12,)" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_resnet50_backbone_conversion(torch, torchvision, tmp_path):
+    sd = torchvision.models.resnet50().state_dict()
+    torch.save(sd, tmp_path / "r50.pth")
+    out = convert.convert("resnet50", tmp_path / "r50.pth", tmp_path / "r50")
+    cfg, v, meta = checkpoint.load_model(out)
+    assert cfg is None and meta["kind"] == "resnet_backbone"
+    np.testing.assert_array_equal(v["params"]["layer4"]["2"]["conv3"]["kernel"], sd["layer4.2.conv3.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(v["frozen"]["bn1"]["running_mean"], sd["bn1.running_mean"].numpy())
+
+
+def test_cli(torch, tmp_path):
+    env_py = [sys.executable, "-m", "frcnn_jax.convert"]
+    r = subprocess.run(env_py + ["--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "--arch" in r.stdout and "fasterrcnn_resnet50_c4" in r.stdout
+    r = subprocess.run(env_py + ["--arch", "resnet50", "--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "nope.pth does not exist" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    r = subprocess.run(env_py + ["--arch", "resnet50", "--checkpoint", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "junk.pth: cannot be read" in r.stderr and "Traceback" not in r.stderr
+    torch.save({"a": [1, 2]}, tmp_path / "notsd.pth")
+    r = subprocess.run(env_py + ["--arch", "resnet50", "--checkpoint", str(tmp_path / "notsd.pth"), "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "expected a state dict" in r.stderr
