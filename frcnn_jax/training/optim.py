@@ -1,0 +1,131 @@
+"""SGD with momentum, weight decay, warm-up and step / cosine decay (optax).
+
+Follows maskrcnn-benchmark's solver: weight decay on weights only (not on biases),
+biases optionally at a higher learning rate (BIAS_LR_FACTOR), linear warm-up from
+`warmup_factor * lr`, then x`gamma` at each of `decay_steps` (or cosine to zero).
+Frozen parameters (stem and early stages, `freeze_at`) get no update at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("step", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bias_lr_factor: float = 1.0
+    warmup_steps: int = 500
+    warmup_factor: float = 1.0 / 3
+    schedule: str = "step"
+    decay_steps: tuple[int, ...] = (120_000, 160_000)
+    gamma: float = 0.1
+    total_steps: int = 180_000
+    clip_grad_norm: float = 0.0  # 0 disables clipping
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "OptimConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown optim config field(s) {unknown}; valid fields: {sorted(names)}")
+        kw = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+        return cls(**kw)
+
+    def __post_init__(self):
+        def fail(field, why):
+            raise ValueError(f"optim.{field}={getattr(self, field)!r}: {why}")
+
+        if not self.base_lr > 0:
+            fail("base_lr", "must be > 0")
+        if not 0 <= self.momentum < 1:
+            fail("momentum", "must be in [0, 1)")
+        if self.weight_decay < 0:
+            fail("weight_decay", "must be >= 0")
+        if self.bias_lr_factor <= 0:
+            fail("bias_lr_factor", "must be > 0")
+        if self.warmup_steps < 0:
+            fail("warmup_steps", "must be >= 0")
+        if not 0 < self.warmup_factor <= 1:
+            fail("warmup_factor", "must be in (0, 1]")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {SCHEDULES}")
+        if list(self.decay_steps) != sorted(self.decay_steps) or any(s <= 0 for s in self.decay_steps):
+            fail("decay_steps", "must be increasing positive steps")
+        if not 0 < self.gamma <= 1:
+            fail("gamma", "must be in (0, 1]")
+        if self.total_steps < 1:
+            fail("total_steps", "must be >= 1")
+        if self.clip_grad_norm < 0:
+            fail("clip_grad_norm", "must be >= 0")
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """step -> learning rate (float32), including warm-up."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        if cfg.schedule == "step":
+            factor = jnp.float32(1.0)
+            for s in cfg.decay_steps:
+                factor = factor * jnp.where(step >= s, cfg.gamma, 1.0)
+        elif cfg.schedule == "cosine":
+            progress = jnp.clip(step / cfg.total_steps, 0.0, 1.0)
+            factor = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        else:
+            factor = jnp.float32(1.0)
+        if cfg.warmup_steps > 0:
+            alpha = jnp.clip(step / cfg.warmup_steps, 0.0, 1.0)
+            factor = factor * jnp.where(step < cfg.warmup_steps, cfg.warmup_factor * (1 - alpha) + alpha, 1.0)
+        return cfg.base_lr * factor
+
+    return schedule
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def param_labels(params, frozen_prefixes: Sequence[str] = ()):
+    """Labels each parameter "frozen", "bias" or "weight" (weights are the >= 2-D kernels)."""
+
+    def label(path, leaf):
+        p = _path_str(path)
+        if any(p.startswith(prefix + "/") or p == prefix for prefix in frozen_prefixes):
+            return "frozen"
+        return "weight" if jnp.ndim(leaf) >= 2 else "bias"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg: OptimConfig, params, frozen_prefixes: Sequence[str] = ()) -> optax.GradientTransformation:
+    """The optax transformation for `params` (frozen prefixes are full parameter paths)."""
+    lr = learning_rate_schedule(cfg)
+
+    def sgd(lr_scale, decay):
+        parts = []
+        if decay > 0:
+            parts.append(optax.add_decayed_weights(decay))
+        parts.append(optax.sgd(lambda s: lr(s) * lr_scale, momentum=cfg.momentum or None))
+        return optax.chain(*parts)
+
+    tx = optax.multi_transform(
+        {
+            "weight": sgd(1.0, cfg.weight_decay),
+            "bias": sgd(cfg.bias_lr_factor, 0.0),
+            "frozen": optax.set_to_zero(),
+        },
+        param_labels(params, frozen_prefixes),
+    )
+    if cfg.clip_grad_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), tx)
+    return tx
