@@ -1,0 +1,463 @@
+"""COCO box evaluation: model outputs -> COCO results, and pycocotools' COCOeval.
+
+`evaluate_coco` runs `pycocotools.cocoeval.COCOeval(gt, dt, "bbox")` with its default
+parameters, exactly as the official API (every GT image is evaluated), and returns the
+12 summary numbers at full precision, Detectron2-style per-class AP and the arrays a
+precision-recall plot needs. pycocotools' progress messages are captured; the standard
+12-line summary it prints is returned as `CocoEvalResult.summary` for the caller to
+print.
+
+Inputs are checked before pycocotools sees them, so a malformed file gives one clear
+`EvaluationInputError` (a `ValueError`) naming the file and the problem instead of a
+`KeyError` deep inside pycocotools.
+
+Boxes: model outputs are (x1, y1, x2, y2) in original image pixels (torchvision's
+convention, width = x2 - x1); COCO results are [x, y, width, height].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import numbers
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+# pycocotools' `COCOeval.stats` order (its summarize() lines, top to bottom).
+STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class EvaluationInputError(ValueError):
+    """An evaluation input (file, dict or list) is missing or malformed; the message says which and why."""
+
+
+# --------------------------------------------------------------------------------------
+# Model outputs -> COCO results.
+# --------------------------------------------------------------------------------------
+
+
+def contiguous_label_map(category_ids: Sequence[int]) -> dict[int, int]:
+    """{label: category_id} for contiguous labels: label i + 1 <-> category_ids[i] (0 = background).
+
+    E.g. `contiguous_label_map(frcnn_jax.categories.COCO_CATEGORY_IDS)` for an 80-class
+    COCO model, or the sorted category ids of a COCO GT file.
+    """
+    return {i + 1: int(c) for i, c in enumerate(category_ids)}
+
+
+def _category_lookup(label_to_category_id):
+    if label_to_category_id is None:
+        return lambda label: label
+    if isinstance(label_to_category_id, Mapping):
+        table = {int(k): int(v) for k, v in label_to_category_id.items()}
+        return table.get
+    seq = [int(v) for v in label_to_category_id]
+    return lambda label: seq[label] if 0 < label < len(seq) else None
+
+
+def to_coco_results(image_ids, boxes, scores, labels, label_to_category_id=None, valid=None) -> list[dict]:
+    """Detections of a batch of images as COCO results-format dicts.
+
+    Each argument is indexed by image first; per image it may be a padded row of a
+    batched array or a ragged per-image array (a list of arrays works):
+
+    Args:
+      image_ids: [B] int, the dataset's image id of each image.
+      boxes: [B, K, 4] float (x1, y1, x2, y2) in ORIGINAL image pixels.
+      scores: [B, K] float.
+      labels: [B, K] int, contiguous model labels 1..C (0 = background / padding).
+      label_to_category_id: how a label becomes the dataset's category id: a mapping
+        {label: category_id} (see `contiguous_label_map`), a sequence indexed by label
+        (entry 0, background, unused), or None when labels already are category ids
+        (torchvision's 91-class COCO models).
+      valid: optional [B, K] bool; False entries (padding) are dropped.
+    Returns:
+      list of {"image_id": int, "category_id": int, "bbox": [x, y, w, h] (4 floats),
+      "score": float}, plain Python numbers (JSON serialisable), in input order.
+      Entries that are not valid or have label <= 0 are dropped.
+    Raises:
+      ValueError: batch sizes disagree, a kept label has no category id, or a kept
+        box or score is not finite.
+    """
+    lookup = _category_lookup(label_to_category_id)
+    image_ids = np.asarray(image_ids).reshape(-1)
+    sizes = [len(image_ids), len(boxes), len(scores), len(labels)] + ([] if valid is None else [len(valid)])
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"to_coco_results: image_ids, boxes, scores, labels (and valid) must have the same batch size, got {sizes}"
+        )
+    results = []
+    for i, image_id in enumerate(image_ids.tolist()):
+        b = np.asarray(boxes[i], np.float64).reshape(-1, 4)
+        s = np.asarray(scores[i], np.float64).reshape(-1)
+        lab = np.asarray(labels[i]).reshape(-1).astype(np.int64)
+        if not (len(b) == len(s) == len(lab)):
+            raise ValueError(f"to_coco_results: image {image_id}: {len(b)} boxes, {len(s)} scores, {len(lab)} labels")
+        keep = lab > 0
+        if valid is not None:
+            v = np.asarray(valid[i], bool).reshape(-1)
+            if len(v) != len(lab):
+                raise ValueError(f"to_coco_results: image {image_id}: valid has {len(v)} entries for {len(lab)} boxes")
+            keep &= v
+        for k in np.flatnonzero(keep):
+            label = int(lab[k])
+            category_id = lookup(label)
+            if category_id is None:
+                raise ValueError(
+                    f"to_coco_results: image {image_id}: label {label} has no category id in label_to_category_id"
+                )
+            x1, y1, x2, y2 = (float(v) for v in b[k])
+            score = float(s[k])
+            if not all(math.isfinite(v) for v in (x1, y1, x2, y2, score)):
+                raise ValueError(f"to_coco_results: image {image_id}: non-finite box {b[k].tolist()} or score {score}")
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(category_id),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": score,
+                }
+            )
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# Loading and checking inputs.
+# --------------------------------------------------------------------------------------
+
+
+def load_json(path, what: str) -> Any:
+    """Parsed JSON of `path`; `what` names the file in errors ("annotations file").
+
+    Raises:
+      EvaluationInputError: "<what> '<path>' does not exist" / "is a directory" /
+        "cannot be read: ..." / "is not valid JSON: ... (line L, column C)".
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise EvaluationInputError(f"{what} '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise EvaluationInputError(f"{what} '{path}' is a directory, expected a JSON file") from None
+    except UnicodeDecodeError:
+        raise EvaluationInputError(f"{what} '{path}' is not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise EvaluationInputError(
+            f"{what} '{path}' is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+        ) from None
+    except OSError as e:
+        raise EvaluationInputError(f"{what} '{path}' cannot be read: {e.strerror or e}") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_box(v) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_real(x) for x in v)
+
+
+def _kind(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
+
+
+def check_coco_gt(dataset, source: str = "ground truth") -> None:
+    """Checks that `dataset` is a COCO ground-truth dict that COCOeval("bbox") can use.
+
+    Requires "images" (objects with a unique integer "id"), "categories" (unique
+    integer "id", optional "name") and "annotations" (unique integer "id", "image_id"
+    and "category_id" present in images / categories, "bbox" of 4 finite numbers,
+    numeric "area", "iscrowd" 0 or 1), as COCOeval needs.
+
+    Raises:
+      EvaluationInputError: "<source> is not a COCO ground-truth file: <problem>".
+    """
+    prefix = f"{source} is not a COCO ground-truth file"
+    if not isinstance(dataset, dict):
+        hint = " (a COCO results file?)" if isinstance(dataset, list) else ""
+        raise EvaluationInputError(
+            f"{prefix}: top level is {_kind(dataset)}{hint}, expected an object with images, annotations, categories"
+        )
+    for key in ("images", "annotations", "categories"):
+        if key not in dataset:
+            raise EvaluationInputError(f"{prefix}: missing key '{key}'")
+        if not isinstance(dataset[key], list):
+            raise EvaluationInputError(f"{prefix}: '{key}' is {_kind(dataset[key])}, expected a list")
+    ids = {}
+    for key in ("images", "categories", "annotations"):
+        seen = set()
+        for n, item in enumerate(dataset[key]):
+            if not isinstance(item, dict) or not _is_int(item.get("id")):
+                raise EvaluationInputError(f"{prefix}: {key}[{n}] has no integer 'id'")
+            if item["id"] in seen:
+                raise EvaluationInputError(f"{prefix}: {key}[{n}] repeats id {item['id']}")
+            seen.add(item["id"])
+        ids[key] = seen
+    for n, cat in enumerate(dataset["categories"]):
+        if "name" in cat and not isinstance(cat["name"], str):
+            raise EvaluationInputError(f"{prefix}: categories[{n}] 'name' is not a string")
+    for n, ann in enumerate(dataset["annotations"]):
+        where = f"annotations[{n}] (id {ann['id']})"
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in ids["images"]:
+            raise EvaluationInputError(
+                f"{prefix}: {where} has image_id {ann.get('image_id')!r}, not an id in 'images'"
+            )
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in ids["categories"]:
+            raise EvaluationInputError(
+                f"{prefix}: {where} has category_id {ann.get('category_id')!r}, not an id in 'categories'"
+            )
+        if not _is_box(ann.get("bbox")):
+            raise EvaluationInputError(
+                f"{prefix}: {where} 'bbox' must be 4 finite numbers [x, y, width, height], got {ann.get('bbox')!r}"
+            )
+        if not _is_real(ann.get("area")):
+            raise EvaluationInputError(
+                f"{prefix}: {where} has no numeric 'area' (COCOeval needs it for the small/medium/large ranges)"
+            )
+        if ann.get("iscrowd") not in (0, 1):
+            raise EvaluationInputError(f"{prefix}: {where} 'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
+
+
+def check_coco_results(
+    results, image_ids, category_ids, source: str = "detections", gt_source: str = "ground truth"
+) -> None:
+    """Checks a COCO results list against the GT it will be evaluated on.
+
+    Args:
+      results: list of {"image_id": int, "category_id": int, "bbox": [x, y, w, h]
+        (finite, w and h >= 0), "score": finite number}.
+      image_ids, category_ids: the GT's image and category ids (sets or sequences).
+      source, gt_source: names used in error messages (e.g. "detections file 'r.json'").
+    Raises:
+      EvaluationInputError: naming `source`, the first offending result and the problem;
+        result image ids / category ids absent from the GT are errors (pycocotools
+        rejects the former with a bare assert and silently ignores the latter, which
+        usually means a label -> category id mapping bug).
+    """
+    prefix = f"{source} is not a COCO results list"
+    if not isinstance(results, list):
+        hint = " (a COCO ground-truth file?)" if isinstance(results, dict) and "annotations" in results else ""
+        raise EvaluationInputError(
+            f"{prefix}: top level is {_kind(results)}{hint}, expected a list of {{image_id, category_id, bbox, score}}"
+        )
+    image_ids, category_ids = set(image_ids), set(category_ids)
+    bad_images, bad_categories = [], []
+    for n, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise EvaluationInputError(f"{prefix}: item {n} is {_kind(r)}, expected an object")
+        for key in ("image_id", "category_id"):
+            if not _is_int(r.get(key)):
+                raise EvaluationInputError(f"{prefix}: item {n} has no integer '{key}' (got {r.get(key)!r})")
+        if not _is_box(r.get("bbox")):
+            raise EvaluationInputError(
+                f"{prefix}: item {n} 'bbox' must be 4 finite numbers [x, y, width, height], got {r.get('bbox')!r}"
+            )
+        if r["bbox"][2] < 0 or r["bbox"][3] < 0:
+            raise EvaluationInputError(
+                f"{prefix}: item {n} 'bbox' {r['bbox']!r} has a negative width or height "
+                "(expected [x, y, width, height])"
+            )
+        if not _is_real(r.get("score")):
+            raise EvaluationInputError(f"{prefix}: item {n} has no finite numeric 'score' (got {r.get('score')!r})")
+        if r["image_id"] not in image_ids:
+            bad_images.append(r["image_id"])
+        if r["category_id"] not in category_ids:
+            bad_categories.append(r["category_id"])
+    if bad_images:
+        raise EvaluationInputError(
+            f"{source}: {len(bad_images)} results refer to image ids not in {gt_source} "
+            f"(e.g. {sorted(set(bad_images))[:5]})"
+        )
+    if bad_categories:
+        raise EvaluationInputError(
+            f"{source}: {len(bad_categories)} results have category ids not in {gt_source} "
+            f"(e.g. {sorted(set(bad_categories))[:5]})"
+        )
+
+
+def load_coco_gt(gt):
+    """A checked `pycocotools.coco.COCO` from a path, a COCO-format dict or a COCO object.
+
+    Returns:
+      (coco, source): the COCO object and the name used for it in messages.
+    Raises:
+      EvaluationInputError: the file is missing, not JSON, or not COCO ground truth.
+    """
+    from pycocotools.coco import COCO
+
+    if isinstance(gt, COCO):
+        source = "ground truth"
+        check_coco_gt(gt.dataset, source)
+        return gt, source
+    if isinstance(gt, dict):
+        dataset, source = gt, "ground truth"
+    else:
+        source = f"annotations file '{os.fspath(gt)}'"
+        dataset = load_json(gt, "annotations file")
+    check_coco_gt(dataset, source)
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco, source
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoEvalResult:
+    """What `evaluate_coco` measured.
+
+    Attributes:
+      stats: {key: float} for the 12 STAT_KEYS, pycocotools' `COCOeval.stats` at full
+        precision (-1.0 where pycocotools reports -1: no GT in that area range).
+      per_class: {category name: AP@[.5:.95] (area all, maxDets 100) or None when the
+        category has no (non-crowd) GT}, in GT category id order.
+      precision: [T=10, R=101, K, A=4, M=3] float64, `COCOeval.eval["precision"]`
+        (-1 where a category has no GT).
+      recall: [T, K, A, M] float64, `COCOeval.eval["recall"]`.
+      iou_thresholds: [T] float64 (0.5, 0.55, ..., 0.95).
+      recall_thresholds: [R] float64 (0, 0.01, ..., 1).
+      category_ids: [K] GT category ids, the K axis order; category_names likewise.
+      summary: pycocotools' standard 12-line summary text (as `summarize()` prints it).
+      detections: the evaluated COCO results list (unmodified input dicts).
+      num_images: number of GT images evaluated.
+    """
+
+    stats: dict
+    per_class: dict
+    precision: np.ndarray
+    recall: np.ndarray
+    iou_thresholds: np.ndarray
+    recall_thresholds: np.ndarray
+    category_ids: tuple
+    category_names: tuple
+    summary: str
+    detections: list
+    num_images: int
+
+    def metrics(self) -> dict:
+        """JSON-ready {STAT_KEYS...: float, "per_class": {name: float | None}} (what metrics.json holds)."""
+        return {**{k: self.stats[k] for k in STAT_KEYS}, "per_class": dict(self.per_class)}
+
+
+def per_class_ap(precision: np.ndarray, names: Sequence[str]) -> dict:
+    """Detectron2's per-category AP from `COCOeval.eval["precision"]`.
+
+    Args:
+      precision: [T, R, K, A, M] (area index 0 = "all", last maxDets = 100 are used).
+      names: [K] category names.
+    Returns:
+      {name: mean of precision[:, :, k, 0, -1] over entries > -1, as float; None when
+      there are none (no GT for the category)}. Unlike Detectron2, not multiplied by 100.
+    """
+    out = {}
+    for k, name in enumerate(names):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[name] = float(np.mean(p)) if p.size else None
+    return out
+
+
+def _category_names(coco) -> tuple[tuple, tuple]:
+    ids = tuple(sorted(coco.getCatIds()))
+    names = [str(coco.cats[i].get("name", i)) for i in ids]
+    if len(set(names)) != len(names):  # keys of per_class must be unique
+        names = [f"{n} (id {i})" for n, i in zip(names, ids)]
+    return ids, tuple(names)
+
+
+def _empty_results(coco_gt):
+    """A results COCO with no detections (`COCO.loadRes([])` fails on `anns[0]`)."""
+    from pycocotools.coco import COCO
+
+    res = COCO()
+    res.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": list(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    res.createIndex()
+    return res
+
+
+def evaluate_coco(gt, detections) -> CocoEvalResult:
+    """COCO box AP: pycocotools' COCOeval(gt, dt, "bbox") with default parameters.
+
+    Args:
+      gt: path of a COCO-format annotations JSON, the parsed dict, or a
+        `pycocotools.coco.COCO`.
+      detections: path of a COCO results JSON or the list of result dicts
+        ({"image_id", "category_id", "bbox": [x, y, w, h], "score"}; see
+        `to_coco_results`). The list is not modified.
+    Returns:
+      CocoEvalResult; `.metrics()` is the JSON-ready dict of the 12 stats and per-class
+      AP, `.summary` the standard 12-line summary (pycocotools' own stdout is captured,
+      not printed).
+
+    Every GT image is evaluated (images without detections count as misses), exactly
+    as `COCOeval(...).evaluate(); accumulate(); summarize()`. An empty detections list
+    is valid (pycocotools' `loadRes` cannot take it, so an empty results set is built
+    directly): every stat is 0.0, except -1.0 where the GT has no box in that area
+    range, as pycocotools reports.
+
+    Raises:
+      EvaluationInputError: a file is missing / not JSON / not the expected structure,
+        or results refer to image or category ids absent from the GT.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    coco_gt, gt_source = load_coco_gt(gt)
+    if isinstance(detections, (str, os.PathLike)):
+        dt_source = f"detections file '{os.fspath(detections)}'"
+        detections = load_json(detections, "detections file")
+    else:
+        dt_source = "detections"
+    if isinstance(detections, tuple):
+        detections = list(detections)
+    check_coco_results(detections, coco_gt.getImgIds(), coco_gt.getCatIds(), dt_source, gt_source)
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        if detections:
+            # loadRes adds keys (area, id, iscrowd, segmentation) to the dicts it gets.
+            coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        else:
+            coco_dt = _empty_results(coco_gt)
+        coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        coco_eval.summarize()
+
+    ids, names = _category_names(coco_gt)
+    assert list(ids) == list(coco_eval.params.catIds)
+    precision = np.asarray(coco_eval.eval["precision"], np.float64)
+    return CocoEvalResult(
+        stats={k: float(v) for k, v in zip(STAT_KEYS, coco_eval.stats)},
+        per_class=per_class_ap(precision, names),
+        precision=precision,
+        recall=np.asarray(coco_eval.eval["recall"], np.float64),
+        iou_thresholds=np.asarray(coco_eval.params.iouThrs, np.float64),
+        recall_thresholds=np.asarray(coco_eval.params.recThrs, np.float64),
+        category_ids=ids,
+        category_names=names,
+        summary=summary.getvalue(),
+        detections=detections,
+        num_images=len(coco_eval.params.imgIds),
+    )
