@@ -1,0 +1,82 @@
+"""The record ("example") every data source returns, and helpers to build and check it.
+
+`source[i]` (random access, `len(source)` records) returns a dict:
+
+| key | value |
+| --- | --- |
+| "image" | uint8 [H, W, 3] RGB |
+| "boxes" | float32 [N, 4] (x1, y1, x2, y2), original image pixels, width = x2 - x1 (no "+1") |
+| "labels" | int32 [N] contiguous labels 1..num_classes (0 is background, never a label) |
+| "is_crowd" | bool [N] (COCO crowd regions; False elsewhere) |
+| "difficult" | bool [N] (VOC "difficult"; False elsewhere) |
+| "image_id" | int, the dataset's own id (COCO image id; the index for shapes) |
+
+Every source also has `num_classes` (without background), `class_names` (index i - 1 for
+label i), `label_to_category_id` (label -> the dataset's category id) and `coco_gt()`
+(COCO-format ground truth for evaluation, see `coco_gt.py`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EXAMPLE_KEYS = ("image", "boxes", "labels", "is_crowd", "difficult", "image_id")
+
+
+def make_example(image, boxes, labels, image_id, is_crowd=None, difficult=None) -> dict:
+    """Builds a record with the canonical dtypes.
+
+    Args:
+      image: [H, W, 3] uint8 RGB.
+      boxes: [N, 4] (x1, y1, x2, y2) pixels (any float/int dtype; [0] or [0, 4] when empty).
+      labels: [N] labels 1..K.
+      image_id: int.
+      is_crowd, difficult: optional [N] bools (default all False).
+    Returns:
+      dict with the keys of EXAMPLE_KEYS (see the module docstring).
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    n = boxes.shape[0]
+    return {
+        "image": np.asarray(image, np.uint8),
+        "boxes": boxes,
+        "labels": np.asarray(labels, np.int32).reshape(n),
+        "is_crowd": np.zeros(n, bool) if is_crowd is None else np.asarray(is_crowd, bool).reshape(n),
+        "difficult": np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool).reshape(n),
+        "image_id": int(image_id),
+    }
+
+
+def validate_example(example: dict, num_classes: int | None = None) -> None:
+    """Checks a record's keys, shapes, dtypes and values.
+
+    Raises:
+      ValueError naming the image id and the offending field: missing keys, an image that
+      is not uint8 [H, W, 3], boxes not float32 [N, 4], per-box arrays of another length
+      or dtype, non-finite or inverted boxes, labels outside 1..num_classes.
+    """
+    missing = [k for k in EXAMPLE_KEYS if k not in example]
+    if missing:
+        raise ValueError(f"example is missing keys {missing}")
+    where = f"example image_id={example['image_id']}"
+    image = example["image"]
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{getattr(image, 'dtype', type(image))} {np.shape(image)}"
+        raise ValueError(f"{where}: 'image' must be uint8 [H, W, 3], got {got}")
+    boxes = example["boxes"]
+    if boxes.dtype != np.float32 or boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{where}: 'boxes' must be float32 [N, 4], got {boxes.dtype} {boxes.shape}")
+    n = boxes.shape[0]
+    for key, dtype in (("labels", np.int32), ("is_crowd", np.bool_), ("difficult", np.bool_)):
+        value = example[key]
+        if value.dtype != dtype or value.shape != (n,):
+            raise ValueError(f"{where}: '{key}' must be {np.dtype(dtype).name} [{n}], got {value.dtype} {value.shape}")
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError(f"{where}: 'boxes' has non-finite values")
+    if np.any(boxes[:, 2:] < boxes[:, :2]):
+        raise ValueError(f"{where}: 'boxes' has inverted boxes (x2 < x1 or y2 < y1)")
+    labels = example["labels"]
+    if n and (labels.min() < 1 or (num_classes is not None and labels.max() > num_classes)):
+        raise ValueError(f"{where}: 'labels' must lie in 1..{num_classes}, got {labels.min()}..{labels.max()}")
+    if not isinstance(example["image_id"], (int, np.integer)):
+        raise ValueError(f"{where}: 'image_id' must be an int, got {type(example['image_id'])}")

@@ -1,0 +1,363 @@
+"""The grain input pipeline: source records -> normalised, padded, canvas-grouped numpy batches.
+
+    it = build_iterator(source, batch_size=8, canvases=[(800, 1088), (1088, 800)],
+                        min_size=800, max_size=1333, max_gt=100, train=True, seed=0)
+    batch = next(it)
+    state = it.get_state()       # JSON-serialisable; it.set_state(state) resumes exactly
+
+Batch (numpy), B = batch_size, G = max_gt, (Hc, Wc) the batch's canvas:
+
+| key | value |
+| --- | --- |
+| "image" | float32 [B, Hc, Wc, 3]: RGB / 255, ImageNet mean/std, zero padding, image top-left |
+| "image_size" | int32 [B, 2] (h, w) of the resized image inside the canvas |
+| "orig_size" | int32 [B, 2] original (h, w) |
+| "boxes" | float32 [B, G, 4] (x1, y1, x2, y2) in canvas pixels (zeros in padding) |
+| "labels" | int32 [B, G] 1..K, 0 in padding |
+| "gt_valid" | bool [B, G] real ground-truth rows (crowd boxes included) |
+| "is_crowd", "difficult" | bool [B, G] |
+| "image_id" | int64 [B] the dataset's image id (-1 for padding examples) |
+| "valid" | bool [B] False for the padding examples that fill an eval batch |
+
+Per image (`_PrepareExample`, in the grain workers): read the record, choose min_size
+(training with a tuple: one value per image, drawn from the image's RNG like torchvision's
+random choice; eval: the last value, as torchvision), resize like torchvision
+(`transforms.resize_image`), flip horizontally with p = 0.5 (training), normalise, choose
+the smallest canvas that holds the resized image and pad the targets to G rows
+(`transforms.pad_targets`, truncation logged). Crowd boxes stay in the targets with
+`is_crowd` True (the training step ignores them). Padding examples of eval batches have
+image_size = orig_size = the canvas size (never zero), zero images and no valid targets.
+
+Order, grouping and determinism:
+- Records are addressed by *position* in a per-host stream: the host's shard
+  (`shard_index::shard_count` of the source, disjoint across hosts), shuffled with `seed`
+  and repeated forever with a new shuffle each epoch (training), or in order once (eval).
+  The image at a position and its augmentation (drawn from
+  `default_rng([seed, shard_index, position])`) depend only on the seed and the position.
+- grain reads positions in order (threads in-process, or `num_workers` processes each
+  taking every num_workers-th position, interleaved back in order), so the stream of
+  prepared images is the same for any number of workers.
+- Grouping by canvas runs in the consuming process on that ordered stream: each image
+  joins the pending group of its canvas, and a group is emitted as a batch as soon as it
+  holds batch_size images (Detectron2's AspectRatioGroupedDataset, keyed by canvas). So
+  portrait and landscape images batch separately, and the batches, their order and their
+  canvases are a function of the seed only: identical with 0 or N workers.
+- Eval: every image of the shard exactly once; batches come out as groups fill, so with
+  one canvas the order is exactly the source order, with several the order within each
+  canvas is kept. At the end, the partial groups are emitted in the order of their first
+  image, padded with `valid=False` examples. Each shard's stream is padded to
+  ceil(len / shard_count) positions (padding examples use the first canvas), so with a
+  single canvas every host yields the same number of batches.
+- State: `get_state()` holds grain's reader state plus the positions of the images in the
+  partial groups (plain ints, JSON-serialisable). `set_state()` restores the reader and
+  re-prepares those few images from their positions (deterministic), so a resumed run
+  continues with exactly the batches it would have produced.
+
+Multi-host caveat: each host groups its own images, so with several canvases two hosts
+may emit batches of different canvases at the same step; code that assembles one global
+array per step needs a single canvas (e.g. a square one holding both orientations) or
+its own agreement across hosts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import weakref
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from frcnn_jax.data.transforms import (
+    check_canvases,
+    choose_canvas,
+    hflip,
+    normalize,
+    pad_targets,
+    resize_boxes,
+    resize_image,
+)
+
+BATCH_KEYS = (
+    "image", "image_size", "orig_size", "boxes", "labels", "gt_valid", "is_crowd", "difficult", "image_id", "valid",
+)  # fmt: skip
+
+
+class _PrepareExample:
+    """(position, source index) -> one prepared image (picklable: it runs in grain workers).
+
+    Returns a dict: "image" float32 [h, w, 3] normalised (unpadded), "canvas" int32 [2],
+    "image_size", "orig_size" int32 [2], the padded targets of `pad_targets`, "image_id"
+    int64, "position" int64, "valid" bool. Source index -1 gives a padding example.
+    """
+
+    def __init__(self, source, *, seed, shard_index, train, min_sizes, max_size, canvases, max_gt):
+        self.source = source
+        self.seed, self.shard_index, self.train = seed, shard_index, train
+        self.min_sizes, self.max_size = min_sizes, max_size
+        self.canvases, self.max_gt = canvases, max_gt
+
+    def __call__(self, position: int, source_index) -> dict:
+        source_index = int(source_index)
+        if source_index < 0:
+            return self.padding(self.canvases[0], position)
+        ex = self.source[source_index]
+        image, image_id = ex["image"], ex["image_id"]
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.shard_index, int(position)])
+            min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
+            flip = bool(rng.random() < 0.5)
+        else:
+            min_size, flip = self.min_sizes[-1], False
+        orig_hw = image.shape[:2]
+        resized, new_hw = resize_image(image, min_size, self.max_size)
+        boxes = resize_boxes(ex["boxes"], orig_hw, new_hw)
+        if flip:
+            resized, boxes = hflip(resized, boxes)
+        try:
+            canvas = choose_canvas(new_hw[0], new_hw[1], self.canvases)
+        except ValueError as e:
+            raise ValueError(f"image id {image_id} (original (h, w)={tuple(orig_hw)}): {e}") from None
+        normalize(resized, out=resized)
+        out = pad_targets(
+            boxes, ex["labels"], ex["is_crowd"], self.max_gt, difficult=ex["difficult"], image_id=image_id
+        )
+        out.update(
+            image=np.ascontiguousarray(resized),
+            canvas=np.asarray(canvas, np.int32),
+            image_size=np.asarray(new_hw, np.int32),
+            orig_size=np.asarray(orig_hw, np.int32),
+            image_id=np.int64(image_id),
+            position=np.int64(position),
+            valid=np.bool_(True),
+        )
+        return out
+
+    def padding(self, canvas, position=-1) -> dict:
+        """An invalid example for `canvas`: no image, no targets, sizes = canvas."""
+        out = pad_targets(np.zeros((0, 4)), np.zeros(0), np.zeros(0), self.max_gt)
+        out.update(
+            image=np.zeros((0, 0, 3), np.float32),
+            canvas=np.asarray(canvas, np.int32),
+            image_size=np.asarray(canvas, np.int32),
+            orig_size=np.asarray(canvas, np.int32),
+            image_id=np.int64(-1),
+            position=np.int64(position),
+            valid=np.bool_(False),
+        )
+        return out
+
+
+def collate(examples: Sequence[dict], canvas: tuple[int, int], batch_size: int, prepare: _PrepareExample) -> dict:
+    """Stacks prepared examples of one canvas into a batch of `batch_size`, padding with invalid ones."""
+    examples = list(examples) + [prepare.padding(canvas) for _ in range(batch_size - len(examples))]
+    image = np.zeros((batch_size, canvas[0], canvas[1], 3), np.float32)
+    for i, ex in enumerate(examples):
+        if ex["valid"]:
+            h, w = ex["image"].shape[:2]
+            image[i, :h, :w] = ex["image"]
+    batch = {"image": image}
+    for key in BATCH_KEYS[1:]:
+        batch[key] = np.stack([ex[key] for ex in examples])
+    return batch
+
+
+class _CanvasBatchIterator(grain.DatasetIterator):
+    """Groups an ordered stream of prepared examples into one-canvas batches (see module doc)."""
+
+    def __init__(self, parent, examples, prepare, batch_size: int, train: bool):
+        super().__init__(parent)
+        self._examples = examples  # the MapDataset: position -> prepared example (for set_state)
+        self._prepare = prepare
+        self._batch_size = batch_size
+        self._train = train
+        self._pending: dict[tuple[int, int], list[dict]] = {}
+        self._exhausted = False
+
+    def __next__(self) -> dict:
+        while not self._exhausted:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                if self._train:
+                    raise
+                self._exhausted = True
+                break
+            canvas = (int(ex["canvas"][0]), int(ex["canvas"][1]))
+            group = self._pending.setdefault(canvas, [])
+            group.append(ex)
+            if len(group) == self._batch_size:
+                del self._pending[canvas]
+                return collate(group, canvas, self._batch_size, self._prepare)
+        if not self._pending:
+            raise StopIteration
+        canvas = next(iter(self._pending))  # the partial group whose first image came first
+        return collate(self._pending.pop(canvas), canvas, self._batch_size, self._prepare)
+
+    def get_state(self) -> dict:
+        return {
+            "reader": self._parent.get_state(),
+            "pending": [[h, w, [int(ex["position"]) for ex in group]] for (h, w), group in self._pending.items()],
+            "exhausted": self._exhausted,
+        }
+
+    def set_state(self, state: dict):
+        self._parent.set_state(state["reader"])
+        self._pending = {
+            (int(h), int(w)): [self._examples[int(p)] for p in positions] for h, w, positions in state["pending"]
+        }
+        self._exhausted = bool(state["exhausted"])
+
+
+class _CanvasBatchDataset(grain.IterDataset):
+    def __init__(self, parent, examples, prepare, batch_size: int, train: bool):
+        super().__init__(parent)
+        self._examples, self._prepare = examples, prepare
+        self._batch_size, self._train = batch_size, train
+
+    def __iter__(self):
+        parent = self._parent.__iter__()
+        return _CanvasBatchIterator(parent, self._examples, self._prepare, self._batch_size, self._train)
+
+    def __str__(self) -> str:
+        return f"CanvasBatchDataset(batch_size={self._batch_size}, train={self._train})"
+
+
+def _ensure_absl_flags_parsed():
+    """grain's worker processes read absl flags; outside `absl.app.run` (scripts, pytest) mark them parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def build_dataset(
+    source: Any,
+    *,
+    batch_size: int,
+    canvases: Sequence[Sequence[int]],
+    min_size: int | Sequence[int],
+    max_size: int,
+    max_gt: int = 100,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    num_threads: int = 2,
+    prefetch_batches: int = 2,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """The input pipeline as a grain `IterDataset` of numpy batches (format in the module doc).
+
+    Args:
+      source: random-access records (`len`, `source[i]`; see `example.py`).
+      batch_size: images per batch (per host).
+      canvases: list of (H, W) canvas sizes, multiples of 32; each image goes to the
+        smallest one that holds it after resizing.
+      min_size: short side after resizing; a tuple for multi-scale training (one value drawn
+        per image; eval uses the last).
+      max_size: cap on the long side after resizing.
+      max_gt: ground-truth rows per image (more are truncated with a warning).
+      train: shuffle + repeat forever + random horizontal flip; else every image once, in order.
+      seed: shuffle and augmentation seed (0 <= seed < 2**32).
+      num_workers: 0 prepares images in this process (`num_threads` threads); N > 0 uses
+        N grain worker processes. The batches are the same for every value.
+      num_threads: threads preparing images in each process.
+      prefetch_batches: batches assembled ahead in a background thread (0: none).
+      shard_index, shard_count: this host's shard of the source (default
+        `jax.process_index()`, `jax.process_count()`).
+    Returns:
+      grain.IterDataset; `iter(ds)` gives an iterator with `get_state()` / `set_state()`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if num_workers < 0 or num_threads < 0 or prefetch_batches < 0:
+        raise ValueError(
+            f"num_workers, num_threads, prefetch_batches must be >= 0, got {num_workers}, {num_threads}, {prefetch_batches}"
+        )
+    min_sizes = (int(min_size),) if np.isscalar(min_size) else tuple(int(s) for s in min_size)
+    if not min_sizes or min(min_sizes) < 1 or max_size < 1:
+        raise ValueError(f"min_size and max_size must be >= 1, got min_size={min_size}, max_size={max_size}")
+    canvases = check_canvases(canvases)
+    if shard_index is None or shard_count is None:
+        import jax  # only for the host defaults
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    n = len(source)
+    shard_len = len(range(shard_index, n, shard_count))
+    if train and shard_len == 0:
+        raise ValueError(f"shard {shard_index} of {shard_count} of {source!r} ({n} records) is empty")
+
+    prepare = _PrepareExample(
+        source, seed=seed, shard_index=shard_index, train=train, min_sizes=min_sizes,
+        max_size=int(max_size), canvases=canvases, max_gt=int(max_gt),
+    )
+    if train:
+        indices = grain.MapDataset.range(shard_index, n, shard_count).shuffle(seed=seed).repeat()
+    else:
+        # Pad every shard to the longest shard's length with padding positions (index -1).
+        per_host = -(-n // shard_count)
+        indices = grain.MapDataset.range(per_host).map(
+            lambda p: shard_index + p * shard_count if p < shard_len else -1
+        )
+    examples = indices.map_with_index(prepare)
+    reader = examples.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * batch_size, num_threads))
+    )
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=batch_size)
+        reader = reader.mp_prefetch(options)
+    batches = _CanvasBatchDataset(reader, examples, prepare, batch_size, train)
+    if prefetch_batches > 0:
+        batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch_batches)
+    return batches
+
+
+_LIVE_ITERATORS: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators():
+    """At interpreter exit, closes the iterators `build_iterator` made, before module teardown.
+
+    grain otherwise closes its threads and worker processes from `__del__` during teardown,
+    when its module globals are already gone: that prints "Exception ignored in __del__"
+    errors and leaks shared memory. After closing, grain's `__del__` is made a no-op for
+    the rest of the shutdown.
+    """
+    for iterator in list(_LIVE_ITERATORS):
+        iterator.close()
+    gc.collect()  # frees grain's shared-memory arrays caught in reference cycles...
+    _flush_shared_memory_deletions()  # ...whose unlinking grain finishes in a thread pool
+    grain.DatasetIterator.__del__ = lambda self: None
+
+
+def _flush_shared_memory_deletions():
+    """Waits for grain's asynchronous shared-memory unlinking (private API, best effort)."""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+        pool = SharedMemoryArray._del_thread_pool
+    except (ImportError, AttributeError):
+        return
+    if pool is not None:
+        SharedMemoryArray._del_thread_pool = None  # later deletions run synchronously
+        pool.close()
+        pool.join()
+
+
+def build_iterator(source: Any, **kwargs) -> grain.DatasetIterator:
+    """`iter(build_dataset(source, **kwargs))`: an iterator of batches with `get_state()` / `set_state()`.
+
+    Call `close()` when done with it (it is closed at interpreter exit otherwise).
+    """
+    iterator = iter(build_dataset(source, **kwargs))
+    _LIVE_ITERATORS.add(iterator)
+    return iterator
