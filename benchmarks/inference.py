@@ -1,0 +1,159 @@
+"""Inference speed: frcnn_jax vs torchvision on CPU, same weights, same images, same run.
+
+    python benchmarks/inference.py [--archs c4,fpn] [--batches 1,4] [--repeats 3]
+
+For each architecture (R-50-C4 as the slides build it, torchvision's R-50-FPN v1) the
+parent process builds a torchvision model with calibrated random weights (full
+proposal sets, many detections), converts it with `frcnn_jax.convert`, and then times
+each framework in its own child process (so peak memory is per framework): one
+800x1066 image (canvas 800x1088) and a batch of 4. Reported: median seconds per image
+over the repeats (full API call: preprocessing, model, postprocessing), the JAX compile
+time (separately, not in the median) and the child's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+from _timing import machine_line, print_table  # noqa: E402
+
+
+def bench_image() -> np.ndarray:
+    import torch_reference as tr
+
+    return tr.structured_image(np.random.default_rng(0), 800, 1066)
+
+
+def child(args) -> dict:
+    """Runs in a fresh process: times one framework, prints a JSON line."""
+    image = bench_image()
+    images = [image] * args.batch
+    if args.framework == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        model = torch.load(os.path.join(args.dir, f"{args.arch}.torch"), weights_only=False).eval()
+        tensors = [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in images]
+        with torch.no_grad():
+            run = lambda: model(tensors)  # noqa: E731
+            run()
+            compile_s = 0.0
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                out = run()
+                times.append(time.perf_counter() - t0)
+        count = int(sum(len(o["boxes"]) for o in out))
+    else:
+        import jax
+
+        from frcnn_jax.detector import Detector
+
+        det = Detector.from_checkpoint(os.path.join(args.dir, f"{args.arch}.jax"), batch_size=args.batch)
+        norm, size = det.preprocess(image)
+        canvas = det.canvas_for(*size)
+        dummy = np.zeros((args.batch, *canvas, 3), np.float32)
+        sizes = np.tile(np.array(size, np.int32), (args.batch, 1))
+        t0 = time.perf_counter()
+        det._forward.lower(det.variables, dummy, sizes).compile()
+        compile_s = time.perf_counter() - t0
+        det(images)  # warm-up (the jit cache is filled by the call itself)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = det(images)
+            times.append(time.perf_counter() - t0)
+        count = int(sum(len(o["boxes"]) for o in out))
+        assert jax.devices()[0].platform == "cpu"
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "per_image_s": statistics.median(times) / args.batch,
+        "compile_s": compile_s,
+        "peak_mb": peak_mb,
+        "detections": count,
+    }
+
+
+def prepare(tmp: str, archs, threads: int):
+    import torch
+
+    import torch_reference as tr
+    from frcnn_jax import convert
+
+    torch.set_num_threads(threads)
+    image = bench_image()
+    t = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
+    for arch in archs:
+        torch.manual_seed(0)
+        model = tr.build_c4(num_classes=81) if arch == "c4" else tr.build_fpn(num_classes=91)
+        il, _ = model.transform([t])
+        tr.calibrate(model, il.tensors)
+        torch.save(model, os.path.join(tmp, f"{arch}.torch"))
+        torch.save(model.state_dict(), os.path.join(tmp, f"{arch}.pth"))
+        name = "fasterrcnn_resnet50_c4" if arch == "c4" else "fasterrcnn_resnet50_fpn"
+        convert.convert(name, os.path.join(tmp, f"{arch}.pth"), os.path.join(tmp, f"{arch}.jax"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="c4,fpn")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--child", dest="framework", choices=["torch", "jax"], help=argparse.SUPPRESS)
+    p.add_argument("--arch", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.framework:
+        print(json.dumps(child(args)))
+        return
+    archs = args.archs.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(tmp, archs, args.threads)
+        for arch in archs:
+            for batch in [int(b) for b in args.batches.split(",")]:
+                res = {}
+                for fw in ("torch", "jax"):
+                    cmd = [sys.executable, __file__, "--child", fw, "--arch", arch, "--batch", str(batch), "--dir", tmp,
+                           "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
+                    env = dict(os.environ, JAX_PLATFORMS="cpu")
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    if out.returncode:
+                        sys.exit(f"{fw} {arch} batch {batch} failed:\n{out.stderr[-3000:]}")
+                    res[fw] = json.loads(out.stdout.strip().splitlines()[-1])
+                t, j = res["torch"], res["jax"]
+                rows.append([
+                    "R-50-C4" if arch == "c4" else "R-50-FPN", batch, f"{t['per_image_s']:.2f}", f"{j['per_image_s']:.2f}",
+                    f"{j['per_image_s'] / t['per_image_s']:.2f}x", f"{j['compile_s']:.0f}",
+                    f"{t['peak_mb'] / 1024:.1f}", f"{j['peak_mb'] / 1024:.1f}", f"{t['detections']}/{j['detections']}",
+                ])  # fmt: skip
+                print(f"done {arch} batch {batch}", file=sys.stderr)
+    import torch
+    import torchvision
+
+    print_table(
+        f"Inference on one 800x1066 image (canvas 800x1088), CPU, {args.threads} threads; torchvision "
+        f"{torchvision.__version__} (torch {torch.__version__}); {machine_line()}",
+        ["model", "batch", "torchvision s/img", "JAX s/img", "ratio", "JAX compile s", "torch peak GB", "JAX peak GB", "detections tv/jax"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

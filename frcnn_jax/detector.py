@@ -1,0 +1,180 @@
+"""The high-level inference API: images in, boxes / labels / scores out.
+
+    from frcnn_jax.detector import Detector
+    det = Detector.from_checkpoint("checkpoints/fasterrcnn_r50_fpn")
+    results = det([image_a, image_b])          # uint8 [H, W, 3] RGB arrays
+    results[0]["boxes"], results[0]["scores"], results[0]["labels"]
+
+Preprocessing is torchvision's `GeneralizedRCNNTransform` (RGB / 255, ImageNet mean and
+std, short side `min_size`, long side at most `max_size`), done on the host; each
+resized image is zero-padded into a static canvas, the model runs jitted (one compile
+per canvas shape and batch size) and boxes come back in original image pixels.
+
+Canvases: by default each image is padded to the next multiple of 32 (torchvision's
+`size_divisible`), which reproduces torchvision's single-image results exactly and
+compiles once per distinct padded shape. Pass `canvases=[(H, W), ...]` (multiples of
+32) to bound the number of compiled shapes; each image then uses the smallest canvas
+that holds it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from frcnn_jax import checkpoint as ckpt
+from frcnn_jax.data import transforms
+from frcnn_jax.modeling.config import ModelConfig
+from frcnn_jax.modeling.faster_rcnn import FasterRCNN
+from frcnn_jax.modeling.postprocess import rescale_boxes
+
+
+def as_rgb_uint8(image, index: int = 0) -> np.ndarray:
+    """PIL image or array [H, W], [H, W, 1|3|4] (uint8, or float in [0, 1]) -> uint8 [H, W, 3]."""
+    if hasattr(image, "convert"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images[{index}] must be [H, W, 3] RGB (or [H, W], [H, W, 1|4]), got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    arr = arr[..., :3]
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"images[{index}] is empty: shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"images[{index}]: float images must be finite and in [0, 1]")
+        return np.round(arr * 255).astype(np.uint8)
+    raise ValueError(f"images[{index}] has dtype {arr.dtype}; expected uint8 or float in [0, 1]")
+
+
+def padded_canvas(h: int, w: int, divisible: int = 32) -> tuple[int, int]:
+    return (math.ceil(h / divisible) * divisible, math.ceil(w / divisible) * divisible)
+
+
+class Detector:
+    """A Faster R-CNN model ready for inference on lists of images.
+
+    Args:
+      model_config: the architecture. variables: {"params", "frozen"}.
+      class_names: index = label (0 = background); used by `predict` for drawing.
+      min_size, max_size: resize rule (short side, cap on the long side).
+      canvases: None (pad to multiples of 32) or a list of (H, W) canvas shapes.
+      batch_size: images per compiled call (a partial batch is padded).
+      score_threshold: drop detections scoring below this (on top of the model's
+        own `box_score_thresh`).
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        variables,
+        *,
+        class_names: Sequence[str] | None = None,
+        label_to_category_id: dict | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        canvases: Sequence[tuple[int, int]] | None = None,
+        batch_size: int = 1,
+        score_threshold: float = 0.0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if canvases is not None:
+            for c in canvases:
+                if len(c) != 2 or c[0] % 32 or c[1] % 32:
+                    raise ValueError(f"canvases must be (H, W) pairs of multiples of 32, got {c!r}")
+        self.model_config = model_config
+        self.model = FasterRCNN(model_config)
+        self.variables = jax.tree.map(jnp.asarray, variables)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.label_to_category_id = label_to_category_id
+        self.min_size, self.max_size = int(min_size), int(max_size)
+        self.canvases = [tuple(int(v) for v in c) for c in canvases] if canvases is not None else None
+        self.batch_size = int(batch_size)
+        self.score_threshold = float(score_threshold)
+        self._forward = jax.jit(lambda v, images, sizes: self.model.apply(v, images, sizes))
+
+    @classmethod
+    def from_checkpoint(cls, path, **kwargs) -> "Detector":
+        """A model checkpoint (from `frcnn_jax.convert`) or a training work directory."""
+        cfg, variables, meta = ckpt.load_model(path)
+        if cfg is None:
+            raise ValueError(f"{path} holds a backbone only ({meta.get('kind')}), not a detector")
+        kwargs.setdefault("class_names", meta.get("class_names"))
+        kwargs.setdefault("label_to_category_id", meta.get("label_to_category_id"))
+        for key in ("min_size", "max_size", "canvases"):
+            if key in meta and key not in kwargs:
+                kwargs[key] = meta[key]
+        return cls(cfg, variables, **kwargs)
+
+    # --- preprocessing ------------------------------------------------------------------
+    def canvas_for(self, h: int, w: int) -> tuple[int, int]:
+        if self.canvases is None:
+            return padded_canvas(h, w)
+        return tuple(transforms.choose_canvas(h, w, self.canvases))
+
+    def preprocess(self, image: np.ndarray):
+        """uint8 [H, W, 3] -> (normalised float32 [h, w, 3] resized image, (h, w))."""
+        resized, size = transforms.resize_image(image, self.min_size, self.max_size)
+        return transforms.normalize(resized), size
+
+    # --- inference -----------------------------------------------------------------------
+    def __call__(self, images) -> list[dict[str, np.ndarray]]:
+        """Detections for each image.
+
+        Args:
+          images: one image or a list: uint8 [H, W, 3] RGB arrays (or PIL images,
+            grayscale, or float arrays in [0, 1]).
+        Returns:
+          list of dicts (one per image, or a single dict for a single image):
+          boxes [K, 4] float32 (x1, y1, x2, y2) in original image pixels, scores [K]
+          float32, labels [K] int32 (model class index), sorted by decreasing score,
+          valid detections only.
+        """
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        prepared = []
+        for i, img in enumerate(batch):
+            rgb = as_rgb_uint8(img, i)
+            norm, size = self.preprocess(rgb)
+            prepared.append((norm, size, rgb.shape[:2]))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, size, _) in enumerate(prepared):
+            groups.setdefault(self.canvas_for(*size), []).append(i)
+        results: list[dict | None] = [None] * len(batch)
+        for canvas, idxs in groups.items():
+            for start in range(0, len(idxs), self.batch_size):
+                chunk = idxs[start : start + self.batch_size]
+                for i, det in zip(chunk, self._run(canvas, [prepared[i] for i in chunk])):
+                    results[i] = det
+        return results[0] if single else results
+
+    def _run(self, canvas, items):
+        b = self.batch_size
+        images = np.zeros((b, *canvas, 3), np.float32)
+        sizes = np.ones((b, 2), np.int32) * 32
+        for k, (norm, size, _) in enumerate(items):
+            images[k] = transforms.pad_to_canvas(norm, canvas)
+            sizes[k] = size
+        out = jax.device_get(self._forward(self.variables, images, sizes))
+        dets = []
+        for k, (_, size, orig) in enumerate(items):
+            keep = out["valid"][k] & (out["scores"][k] >= self.score_threshold)
+            boxes = np.asarray(rescale_boxes(out["boxes"][k][keep], size, orig), np.float32)
+            dets.append(
+                {
+                    "boxes": boxes,
+                    "scores": out["scores"][k][keep].astype(np.float32),
+                    "labels": out["labels"][k][keep].astype(np.int32),
+                }
+            )
+        return dets
