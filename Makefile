@@ -1,9 +1,11 @@
-# `make test`: set up a local virtual environment and run the test suite.
+# `make train`: set up a local virtual environment and train the default model (main job).
+# `make test`:  set up the environment (with the torch extra) and run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+WORKDIR ?= runs/shapes
 
-.PHONY: install install-dev test bench clean
+.PHONY: install install-dev train test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+train: install
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) train.py --workdir $(WORKDIR)
 
 test: install-dev
 	JAX_PLATFORMS=cpu $(PY) -m pytest tests

@@ -17,9 +17,15 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import importlib
 import pathlib
 
+import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Many tests compile the same programs (a model per test, train/resume runs of one
+# config): share compiled executables across them through JAX's persistent cache.
+jax.config.update("jax_compilation_cache_dir", os.environ.get("FRCNN_TEST_XLA_CACHE", str(REPO / ".pytest_cache" / "xla")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def in_ci() -> bool:

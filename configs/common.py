@@ -1,0 +1,61 @@
+"""Shared structure of every config: model, data, optim and train sections.
+
+Each config file's `get_config()` starts from `base_config()` and overrides fields.
+The model section holds every `frcnn_jax.modeling.config.ModelConfig` field (defaults:
+maskrcnn-benchmark R-50-C4 on COCO) and optim every `OptimConfig` field, so any of them
+can be overridden on the command line (`--config.model.rpn_nms_thresh=0.6`) and an
+unknown field fails at start.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from frcnn_jax.modeling.config import ModelConfig
+from frcnn_jax.training.optim import OptimConfig
+
+
+def _fields(cls):
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = f.default
+        out[f.name] = tuple(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict(_fields(ModelConfig))
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "shapes"  # "shapes" | "coco_json" | "tfds"
+    config.data.min_size = (800,)  # short side; several values = multi-scale training (one per image)
+    config.data.test_min_size = 800
+    config.data.max_size = 1333
+    # Static padded canvases (H, W), multiples of 32; each image uses the smallest that holds it.
+    config.data.canvases = ((800, 1088), (1088, 800), (800, 1344), (1344, 800))
+    config.data.max_gt = 100  # ground-truth boxes per image (padded)
+    config.data.batch_size = 16  # global batch (all devices, all hosts)
+    config.data.eval_batch_size = 8
+    config.data.num_workers = 0  # grain worker processes (0 = in the main process)
+    config.data.hflip = True
+    config.data.shapes = ml_collections.ConfigDict(dict(image_size=128, num_train=1_000_000, num_val=500, seed=0))
+    config.data.tfds = ml_collections.ConfigDict(dict(name="coco/2017", train_split="train", val_split="validation", data_dir=""))
+    config.data.coco_json = ml_collections.ConfigDict(
+        dict(train_annotations="", train_images="", val_annotations="", val_images="")
+    )
+
+    config.optim = ml_collections.ConfigDict(_fields(OptimConfig))
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 180_000
+    config.train.log_every = 20
+    config.train.checkpoint_every = 5000
+    config.train.keep_checkpoints = 3
+    config.train.eval_every = 0  # 0: evaluate only at the end
+    config.train.eval_max_images = 0  # 0: the whole validation split
+    config.train.init_backbone = ""  # converted ImageNet ResNet (`python -m frcnn_jax.convert --arch resnet50`)
+    config.train.visualize = 8  # validation images drawn into WORKDIR/detections.png at the end
+    return config

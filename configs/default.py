@@ -1,0 +1,46 @@
+"""The main job: a small R-18-FPN trained from scratch on the built-in shapes dataset.
+
+Runs on a 2-core CPU in well under 10 minutes (setup included) and reaches box
+AP@[.5:.95] >= 0.5 on the held-out split. `python train.py --workdir DIR` uses it.
+"""
+
+from configs import common
+
+
+def get_config():
+    config = common.base_config()
+    config.model.update(
+        arch="fpn",
+        num_classes=6,  # background + the shapes dataset's 5 classes
+        depth=18,
+        width=16,
+        freeze_at=0,  # trained from scratch: nothing frozen
+        zero_init_residual=True,
+        fpn_channels=64,
+        anchor_sizes=(16.0, 32.0, 64.0, 128.0, 256.0),
+        rpn_pre_nms_top_n_train=600,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_train=128,
+        rpn_post_nms_top_n_test=64,
+        rpn_batch_size_per_image=128,
+        pooler_resolution=7,
+        pooler_sampling_ratio=2,
+        representation_size=128,
+        box_batch_size_per_image=64,
+        detections_per_img=20,
+    )
+    config.data.update(
+        source="shapes",
+        min_size=(128,),
+        test_min_size=128,
+        max_size=128,
+        canvases=((128, 128),),
+        max_gt=8,
+        batch_size=8,
+        eval_batch_size=8,
+        num_workers=0,
+    )
+    config.data.shapes.update(image_size=128, num_val=200)
+    config.optim.update(base_lr=0.02, warmup_steps=100, schedule="step", decay_steps=(1400,), total_steps=1800)
+    config.train.update(num_steps=1800, log_every=20, checkpoint_every=300, eval_every=0, visualize=8)
+    return config

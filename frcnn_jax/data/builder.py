@@ -1,0 +1,137 @@
+"""Sources and iterators from a config's `data` section (configs/common.py lists the fields).
+
+    source = build_source(config.data, split="train")
+    it = train_iterator(source, config.data, seed=config.seed)      # endless, with get/set_state
+    for batch in eval_iterator(val_source, config.data): ...        # every image once
+
+The only place where config fields become pipeline arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from frcnn_jax.data import transforms
+from frcnn_jax.data.pipeline import build_iterator
+
+SOURCES = ("shapes", "coco_json", "tfds")
+SPLITS = ("train", "val")
+
+
+def validate_data_config(data) -> None:
+    """Raises ValueError naming the first bad `data.*` field."""
+
+    def fail(field, why):
+        raise ValueError(f"data.{field}={data[field]!r}: {why}")
+
+    if data.source not in SOURCES:
+        fail("source", f"must be one of {SOURCES}")
+    for name in ("batch_size", "eval_batch_size", "max_gt", "max_size", "test_min_size"):
+        if int(data[name]) < 1:
+            fail(name, "must be >= 1")
+    sizes = (data.min_size,) if np.isscalar(data.min_size) else tuple(data.min_size)
+    if not sizes or min(sizes) < 1:
+        fail("min_size", "must be a positive size or a non-empty tuple of them")
+    if int(data.num_workers) < 0:
+        fail("num_workers", "must be >= 0")
+    try:
+        transforms.check_canvases(data.canvases)
+    except ValueError as e:
+        raise ValueError(f"data.canvases={data.canvases!r}: {e}") from None
+    if data.source == "coco_json":
+        for split in SPLITS:
+            for key in (f"{split}_annotations", f"{split}_images"):
+                if not data.coco_json[key]:
+                    raise ValueError(f"data.coco_json.{key} is empty: set it to the COCO JSON / image folder of the {split} split")
+
+
+def build_source(data, split: str = "train") -> Any:
+    """The random-access source of `split` ("train" or "val") described by `data`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if data.source == "shapes":
+        from frcnn_jax.data.shapes import ShapesDataset
+
+        s = data.shapes
+        size = int(s.image_size)
+        num = int(s.num_train if split == "train" else s.num_val)
+        return ShapesDataset(split=split, seed=int(s.seed), num_images=num, image_size=(size, size))
+    if data.source == "coco_json":
+        from frcnn_jax.data.coco_json import CocoJsonSource
+
+        c = data.coco_json
+        return CocoJsonSource(c[f"{split}_annotations"], c[f"{split}_images"])
+    if data.source == "tfds":
+        from frcnn_jax.data.tfds_source import TfdsSource
+
+        t = data.tfds
+        return TfdsSource(t.name, t.train_split if split == "train" else t.val_split, data_dir=t.data_dir or None)
+    raise ValueError(f"data.source={data.source!r}: must be one of {SOURCES}")
+
+
+def _min_sizes(data):
+    return (int(data.min_size),) if np.isscalar(data.min_size) else tuple(int(s) for s in data.min_size)
+
+
+def train_iterator(source, data, *, seed: int, num_hosts: int | None = None):
+    """Endless shuffled, augmented batches of the host's share of `data.batch_size`."""
+    import jax
+
+    hosts = jax.process_count() if num_hosts is None else num_hosts
+    if data.batch_size % hosts:
+        raise ValueError(f"data.batch_size={data.batch_size} must be divisible by the number of hosts ({hosts})")
+    return build_iterator(
+        source,
+        batch_size=data.batch_size // hosts,
+        canvases=data.canvases,
+        min_size=_min_sizes(data),
+        max_size=int(data.max_size),
+        max_gt=int(data.max_gt),
+        train=True,
+        seed=int(seed),
+        num_workers=int(data.num_workers),
+    )
+
+
+def eval_iterator(source, data, *, max_images: int = 0):
+    """Every image of `source` once (or the first `max_images`), batches padded with valid=False."""
+    if max_images:
+        source = _Prefix(source, max_images)
+    it = build_iterator(
+        source,
+        batch_size=int(data.eval_batch_size),
+        canvases=data.canvases,
+        min_size=int(data.test_min_size),
+        max_size=int(data.max_size),
+        max_gt=int(data.max_gt),
+        train=False,
+        num_workers=int(data.num_workers),
+        shard_index=0,
+        shard_count=1,
+    )
+    try:
+        yield from it
+    finally:
+        it.close()
+
+
+class _Prefix:
+    """The first `n` records of a source (same attributes)."""
+
+    def __init__(self, source, n: int):
+        self._source, self._n = source, min(int(n), len(source))
+
+    def __len__(self):
+        return self._n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._source[i]
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # also keeps unpickling (worker processes) from recursing
+            raise AttributeError(name)
+        return getattr(self._source, name)
