@@ -1,10 +1,20 @@
 r"""Evaluate detections with the official COCO metrics (pycocotools COCOeval, "bbox").
 
+Run a model over a dataset split and evaluate it:
+
+  python eval.py --config=configs/x.py --checkpoint=DIR --out=OUT [--split=val] [--max_images=N]
+  python eval.py --checkpoint=WORKDIR --out=OUT        # a training run: its own config
+
+DIR is a model checkpoint (`python -m frcnn_jax.convert`) or a training work directory.
+Inference is batched and jitted (config.data.eval_batch_size, one compile per canvas)
+with a progress bar. VOC datasets additionally report VOC mAP (2007 11-point and
+area-under-curve, both labelled) in OUT/voc_metrics.json.
+
 Evaluate an existing COCO results file against COCO-format ground truth, no model:
 
   python eval.py --annotations=instances_val2017.json --detections=results.json --out=DIR
 
-Prints pycocotools' standard 12-line summary and a per-class AP table, and writes
+Both modes print pycocotools' standard 12-line summary and a per-class AP table, and write
   DIR/metrics.json            AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs,
                               ARm, ARl (full precision) and per_class {name: AP or null}
   DIR/detections.json         the evaluated COCO results list
@@ -21,8 +31,17 @@ import os
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Model mode: config file (configs/*.py) describing the dataset.", lock_config=True)
+flags.DEFINE_string("checkpoint", None, "Model mode: model checkpoint directory or training work directory.")
+flags.DEFINE_enum("split", "val", ["train", "val"], "Model mode: dataset split to evaluate.")
+flags.DEFINE_integer("max_images", 0, "Model mode: evaluate only the first N images (0: all).")
 
 flags.DEFINE_string("annotations", None, "COCO-format ground-truth JSON (e.g. instances_val2017.json).")
 flags.DEFINE_string(
@@ -50,6 +69,12 @@ def evaluate_results_file(annotations: str, detections: str, out: str) -> int:
         f"Evaluated {len(result.detections)} detections on {result.num_images} images, "
         f"{len(result.category_ids)} categories (COCOeval bbox):"
     )
+    return _print_and_write(result, out)
+
+
+def _print_and_write(result, out: str) -> int:
+    from frcnn_jax import evaluation
+
     print(result.summary, end="")
     print()
     print("Per-class AP@[.5:.95] (area all, maxDets 100; '-' = no ground truth):")
@@ -64,13 +89,71 @@ def evaluate_results_file(annotations: str, detections: str, out: str) -> int:
     return 0
 
 
+def evaluate_checkpoint(config, checkpoint: str, split: str, out: str, max_images: int) -> int:
+    """The model mode: batched jitted inference over `split`, COCO (and VOC) metrics."""
+    import ml_collections
+
+    from frcnn_jax import checkpoint as ckpt
+    from frcnn_jax.data import builder
+    from frcnn_jax.evaluation import report
+    from frcnn_jax.evaluation.model_eval import evaluate_model
+    from frcnn_jax.modeling.faster_rcnn import FasterRCNN
+    from frcnn_jax.training import checkpointing
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        return _fail(f"output directory '{out}' exists and is not a directory")
+    try:
+        model_cfg, variables, meta = ckpt.load_model(checkpoint)
+        if model_cfg is None:
+            return _fail(f"{checkpoint} holds a backbone only ({meta.get('kind')}), not a detector")
+        if config is None:
+            config = ml_collections.ConfigDict(checkpointing.read_config(checkpoint))
+        builder.validate_data_config(config.data)
+        source = builder.build_source(config.data, split)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    known = set(source.label_to_category_id.values())
+    mapping = meta.get("label_to_category_id")
+    if mapping is None:
+        if model_cfg.num_classes != source.num_classes + 1:
+            return _fail(
+                f"{checkpoint}: the model has {model_cfg.num_classes} classes (with background), the {split} data "
+                f"{source.num_classes} (+1), and the checkpoint has no label_to_category_id to match them"
+            )
+        mapping = source.label_to_category_id
+    else:  # e.g. torchvision's 91-class COCO head: labels are COCO ids, some unused here
+        mapping = {int(k): int(v) for k, v in mapping.items() if int(v) in known}
+        if not mapping:
+            return _fail(f"{checkpoint}: none of the model's category ids are among the {split} data's categories")
+    is_voc = getattr(source, "kind", None) == "voc"
+    print(f"Evaluating {checkpoint} on {config.data.source} {split} ({len(source)} images"
+          f"{f', first {max_images}' if max_images else ''}), {model_cfg.arch} model, {model_cfg.num_classes} classes")  # fmt: skip
+    out_eval = evaluate_model(
+        FasterRCNN(model_cfg), variables, source, config, label_to_category_id=mapping, max_images=max_images, voc=is_voc
+    )
+    result, voc = out_eval if is_voc else (out_eval, None)
+    code = _print_and_write(result, out)
+    if voc is not None:
+        print(f"VOC mAP@0.5: 2007 11-point {voc['mAP_07_11point']:.4f}, area under PR curve {voc['mAP_area']:.4f}")
+        report.write_json(os.path.join(out, "voc_metrics.json"), voc)
+    return code
+
+
 def main(argv) -> int:
-    # One mode for now (a results file, no model); further modes dispatch on their flags here.
     if len(argv) > 1:
         return _fail(f"unexpected arguments {argv[1:]} (use --flag=value; see --help)", 2)
-    missing = [f"--{name}" for name in ("annotations", "detections", "out") if not FLAGS[name].value]
+    if not FLAGS.out:
+        return _fail("missing --out (see --help)", 2)
+    if FLAGS.checkpoint:
+        from frcnn_jax import compilation_cache
+
+        compilation_cache.enable()
+        if FLAGS.annotations or FLAGS.detections:
+            return _fail("--checkpoint (model mode) cannot be combined with --annotations/--detections", 2)
+        return evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint, FLAGS.split, FLAGS.out, FLAGS.max_images)
+    missing = [f"--{name}" for name in ("annotations", "detections") if not FLAGS[name].value]
     if missing:
-        return _fail(f"missing {', '.join(missing)} (see --help)", 2)
+        return _fail(f"missing {', '.join(missing)}, or --checkpoint for the model mode (see --help)", 2)
     return evaluate_results_file(FLAGS.annotations, FLAGS.detections, FLAGS.out)
 
 

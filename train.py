@@ -41,7 +41,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames at INFO
+    from frcnn_jax import compilation_cache
     from frcnn_jax.training import sharding
+
+    compilation_cache.enable()
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from frcnn_jax.training.loop import TrainingDiverged, train_and_evaluate

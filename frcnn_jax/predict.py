@@ -60,7 +60,10 @@ def main(argv=None) -> int:
     if not 0.0 <= args.score_threshold <= 1.0:
         parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
 
+    from frcnn_jax import compilation_cache
     from frcnn_jax.detector import Detector
+
+    compilation_cache.enable()
 
     kwargs = {"score_threshold": args.score_threshold}
     if args.min_size:

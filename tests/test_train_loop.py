@@ -73,6 +73,11 @@ def test_train_outputs_and_exact_resume(tmp_path):
     losses_b = [json.loads(line)["loss"] for line in (b / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     np.testing.assert_allclose(losses_b, losses_a, rtol=1e-6)
 
+    # eval.py on the training work directory (its own config) reproduces the final AP
+    r = subprocess.run([sys.executable, "eval.py", f"--checkpoint={b}", f"--out={tmp_path / 'ev'}"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["AP"] == pytest.approx(full["AP"], abs=1e-6)
+
 
 def test_non_finite_loss_stops_with_the_step_and_term(tmp_path):
     from frcnn_jax.training.loop import TrainingDiverged, train_and_evaluate

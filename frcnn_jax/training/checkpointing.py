@@ -2,12 +2,15 @@
 
     WORKDIR/config.json                 the run's full config (written at start)
     WORKDIR/checkpoints/<step>/state    TrainState (params, frozen BN, optimiser, step, rng)
-    WORKDIR/checkpoints/<step>/data     input-iterator state (JSON), so a resumed run
-                                        continues with exactly the next batch
     WORKDIR/checkpoints/<step>/meta     class names, category mapping, canvas settings
+    WORKDIR/data_state/<step>.process<i>.json
+                                        each host's input-iterator state, so a resumed
+                                        run continues with exactly the next batch
 
 orbax writes each step into a temporary directory and renames it when complete, so an
 interrupted save never leaves a half-written checkpoint behind; the last K are kept.
+Iterator states are per host (each reads its own shard), written atomically by every
+process after the step is committed, and pruned with the steps orbax deletes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from frcnn_jax.modeling.config import ModelConfig
 
 CONFIG_JSON = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DATA_STATE_DIR = "data_state"
 
 
 def manager(workdir, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -33,34 +37,51 @@ def manager(workdir, max_to_keep: int = 3, read_only: bool = False) -> ocp.Check
         read_only=read_only,
         enable_async_checkpointing=False,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "meta"))
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def _data_state_path(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    workdir = pathlib.Path(mngr.directory).parent
+    return workdir / DATA_STATE_DIR / f"{step}.process{jax.process_index()}.json"
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: Any, meta: dict):
-    """Saves one step (blocking). data_state must be JSON-serialisable."""
+    """Saves one step (blocking): train state and metadata (orbax), this host's iterator state (JSON)."""
     mngr.save(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.device_get(state)),
-            data=ocp.args.JsonSave({"iterator": data_state}),
-            meta=ocp.args.JsonSave(meta),
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)),
     )
     mngr.wait_until_finished()
+    path = _data_state_path(mngr, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data_state))
+    tmp.replace(path)
+    kept = set(mngr.all_steps())
+    for old in path.parent.glob(f"*.process{jax.process_index()}.json"):
+        if int(old.name.split(".")[0]) not in kept:
+            old.unlink(missing_ok=True)
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
-    """(state, data_state, meta) of `step` (default: latest). abstract_state gives the tree structure."""
+    """(state, this host's data_state, meta) of `step` (default: latest).
+
+    abstract_state gives the tree structure (e.g. `jax.eval_shape` of a fresh state).
+    """
     step = mngr.latest_step() if step is None else step
     out = mngr.restore(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
     )
-    return out["state"], out["data"]["iterator"], out["meta"]
+    path = _data_state_path(mngr, step)
+    try:
+        data_state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"checkpoint step {step} has no input-iterator state for this host ({path}); "
+            "the run cannot resume exactly"
+        ) from None
+    return out["state"], data_state, out["meta"]
 
 
 def write_config(workdir, config_dict: dict):

@@ -26,7 +26,7 @@ from frcnn_jax.evaluation.coco import evaluate_coco
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 from frcnn_jax.training import checkpointing, sharding
-from frcnn_jax.training.evaluate import evaluate_model, predictions_png
+from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
 from frcnn_jax.training.metrics import MetricsWriter, plot_losses
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
 from frcnn_jax.training.train_step import LOSS_NAMES, TrainState, create_train_state, make_train_step
@@ -123,6 +123,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
         )
     mesh = sharding.data_mesh()
     sharding.check_batch_size(config.data.batch_size, mesh)
+    multi_host = jax.process_count() > 1
+    if multi_host and len(config.data.canvases) > 1:
+        raise ValueError(
+            f"data.canvases={config.data.canvases!r}: multi-host training needs a single canvas (each host "
+            "groups its own images by canvas, so hosts could otherwise disagree on a step's shape)"
+        )
+    put_batch = sharding.process_batch_to_global if multi_host else sharding.put_batch
     _check_resume_compatible(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointing.write_config(workdir, config.to_dict())
@@ -163,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
     history = writer.read_history()
     for step in range(start, end):
         batch = next(train_iter)
-        state, metrics = step_fn(state, sharding.put_batch(batch, mesh))
+        state, metrics = step_fn(state, put_batch(batch, mesh))
         m = _to_host_metrics(metrics)
         bad = [k for k in ("loss",) + LOSS_NAMES if not math.isfinite(m[k])]
         if bad:

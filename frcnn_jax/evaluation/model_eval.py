@@ -1,6 +1,8 @@
-"""Batched, jitted inference over a dataset split, then COCO evaluation.
+"""Batched, jitted inference of a model over a dataset split, then COCO (and VOC) evaluation.
 
-Used by the training loop (periodic and final evaluation) and by `eval.py`.
+Used by the training loop (periodic and final evaluation) and by `eval.py`. Unlike the
+rest of `frcnn_jax.evaluation` this module needs JAX (the package itself imports
+without it).
 """
 
 from __future__ import annotations
@@ -48,20 +50,55 @@ def predict_dataset(model: FasterRCNN, variables, source, data_cfg, *, max_image
     bar.close()
 
 
-def evaluate_model(model: FasterRCNN, variables, source, config, *, progress: bool = True):
-    """COCO box AP of the model on `source` -> `frcnn_jax.evaluation.coco.CocoEvalResult`."""
-    results, seen = [], []
-    for batch, det in predict_dataset(model, variables, source, config.data, max_images=config.train.eval_max_images, progress=progress):
+def evaluate_model(
+    model: FasterRCNN, variables, source, config, *, label_to_category_id=None, max_images=None, progress: bool = True,
+    voc: bool = False,
+):
+    """COCO box AP of the model on `source` -> `CocoEvalResult` (and VOC AP when voc=True).
+
+    label_to_category_id: how model labels map to the source's category ids (default:
+    the source's own map; torchvision's 91-class COCO models predict COCO ids directly).
+    max_images: evaluate the first N images only (default config.train.eval_max_images).
+    Returns the COCO result, or (COCO result, VOC metrics dict) with voc=True.
+    """
+    mapping = source.label_to_category_id if label_to_category_id is None else label_to_category_id
+    max_images = config.train.eval_max_images if max_images is None else max_images
+    results, seen, voc_gt, voc_dt = [], [], [], []
+    labels_known = np.asarray(sorted(int(k) for k in mapping), np.int64)
+    for batch, det in predict_dataset(model, variables, source, config.data, max_images=max_images, progress=progress):
+        det["valid"] &= np.isin(det["labels"], labels_known)  # classes this dataset does not have
         ids = batch["image_id"][batch["valid"]]
         seen.extend(int(i) for i in ids)
-        results += to_coco_results(
-            batch["image_id"], det["boxes"], det["scores"], det["labels"], source.label_to_category_id, det["valid"]
-        )
+        results += to_coco_results(batch["image_id"], det["boxes"], det["scores"], det["labels"], mapping, det["valid"])
+        if voc:
+            for i in np.flatnonzero(batch["valid"]):
+                voc_dt.append({k: det[k][i] for k in ("boxes", "scores", "labels", "valid")})
     gt = source.coco_gt()
-    if config.train.eval_max_images:
+    if max_images:
         keep = set(seen)
         gt = dict(gt, images=[im for im in gt["images"] if im["id"] in keep], annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
-    return evaluate_coco(gt, results)
+    coco = evaluate_coco(gt, results)
+    if not voc:
+        return coco
+    from frcnn_jax.evaluation.voc import evaluate_voc
+
+    # VOC ground truth per evaluated image, in the order the detections came out.
+    by_id = {}
+    for im in gt["images"]:
+        by_id[im["id"]] = {"boxes": [], "labels": [], "difficult": []}
+    label_of = {int(c): int(lab) for lab, c in mapping.items()}
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        entry = by_id[a["image_id"]]
+        entry["boxes"].append([x, y, x + w, y + h])
+        entry["labels"].append(label_of[int(a["category_id"])])
+        entry["difficult"].append(bool(a.get("iscrowd", 0)))  # VOC difficult boxes are stored as iscrowd
+    for image_id in seen:
+        e = by_id[image_id]
+        voc_gt.append({"boxes": np.asarray(e["boxes"], np.float32).reshape(-1, 4), "labels": np.asarray(e["labels"], np.int64),
+                       "difficult": np.asarray(e["difficult"], bool)})  # fmt: skip
+    names = list(source.class_names)
+    return coco, evaluate_voc(voc_gt, voc_dt, len(names), names)
 
 
 def predictions_png(model_cfg, variables, source, config, path, class_names, *, count: int | None = None, score_threshold: float = 0.5):
@@ -77,9 +114,12 @@ def predictions_png(model_cfg, variables, source, config, path, class_names, *, 
         max_size=config.data.max_size, canvases=config.data.canvases, score_threshold=score_threshold,
     )  # fmt: skip
     images = [source[i]["image"] for i in range(count)]
-    tiles = [
-        draw_detections(im, d["boxes"], d["scores"], d["labels"], class_names) for im, d in zip(images, detector(images))
-    ]
+    tiles = []
+    for im, d in zip(images, detector(images)):
+        scale = max(1, 256 // max(im.shape[:2]))  # small images (shapes: 128 px) drawn 2x for legible captions
+        if scale > 1:
+            im = np.repeat(np.repeat(im, scale, axis=0), scale, axis=1)
+        tiles.append(draw_detections(im, d["boxes"] * scale, d["scores"], d["labels"], class_names))
     if not tiles:
         return None
     cols = min(4, len(tiles))
