@@ -20,18 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from _timing import compile_seconds, machine_line, median_seconds, print_table  # noqa: E402
+from helpers import clustered_boxes  # noqa: E402  (shared with the tests)
 
 from frcnn_jax import ops  # noqa: E402
-
-
-def clustered_boxes(rng, n, height=800, width=1066, clusters=30):
-    centres = rng.uniform([0, 0], [width, height], (clusters, 2))
-    sizes = rng.uniform(20, 300, (clusters, 2))
-    k = rng.integers(0, clusters, n)
-    c = centres[k] + rng.normal(0, 1, (n, 2)) * sizes[k] * 0.15
-    s = sizes[k] * np.exp(rng.normal(0, 0.2, (n, 2)))
-    return np.concatenate([c - s / 2, c + s / 2], axis=1).astype(np.float32)
 
 
 def proposal_rois(rng, n, height=800, width=1066):

@@ -496,8 +496,9 @@ def test_eval_py_bad_inputs(coco_fixture, tmp_path):
 
 def test_eval_py_usage():
     proc = _run_eval("--help")
-    for flag in ("--annotations", "--detections", "--out"):
+    for flag in ("--annotations", "--detections", "--out", "--checkpoint", "--config", "--split", "--max_images"):
         assert flag in proc.stdout
-    assert "--checkpoint" not in proc.stdout and "--config" not in proc.stdout
     proc = _run_eval()
-    assert proc.returncode == 2 and "missing --annotations, --detections, --out" in proc.stderr
+    assert proc.returncode == 2 and "missing --out" in proc.stderr
+    proc = _run_eval("--out", "x")
+    assert proc.returncode == 2 and "missing --annotations, --detections, or --checkpoint" in proc.stderr

@@ -14,6 +14,18 @@ from typing import Any, Mapping
 ARCHS = ("c4", "fpn")
 
 
+def dataclass_from_mapping(cls, values: Mapping[str, Any], section: str):
+    """`cls(**values)` for a frozen config dataclass; unknown keys raise ValueError naming them.
+
+    Lists become tuples (ConfigDict and JSON give lists for tuple fields).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {section} config field(s) {unknown}; valid fields: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Faster R-CNN hyperparameters. Defaults: maskrcnn-benchmark R-50-C4 on COCO."""
@@ -97,16 +109,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
         """From a plain mapping (e.g. `config.model.to_dict()`); unknown keys raise ValueError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown model config field(s) {unknown}; valid fields: {sorted(names)}")
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                v = values[f.name]
-                kwargs[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs)
+        return dataclass_from_mapping(cls, values, "model")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

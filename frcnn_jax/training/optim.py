@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from frcnn_jax.modeling.config import dataclass_from_mapping
+
 SCHEDULES = ("step", "cosine", "constant")
 
 
@@ -34,12 +36,8 @@ class OptimConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "OptimConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown optim config field(s) {unknown}; valid fields: {sorted(names)}")
-        kw = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
-        return cls(**kw)
+        """From a plain mapping (e.g. `config.optim.to_dict()`); unknown keys raise ValueError."""
+        return dataclass_from_mapping(cls, values, "optim")
 
     def __post_init__(self):
         def fail(field, why):
