@@ -74,6 +74,28 @@ def test_resnet50_backbone_conversion(torch, torchvision, tmp_path):
     np.testing.assert_array_equal(v["params"]["layer4"]["2"]["conv3"]["kernel"], sd["layer4.2.conv3.weight"].numpy().transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(v["frozen"]["bn1"]["running_mean"], sd["bn1.running_mean"].numpy())
 
+    # ... and initialises a C4 detector for training: layer1-3 in the trunk, layer4 as the box head
+    import sys
+
+    from conftest import REPO
+    from frcnn_jax.modeling.config import ModelConfig
+    from frcnn_jax.modeling.faster_rcnn import FasterRCNN
+    from frcnn_jax.training.loop import _init_variables
+
+    sys.path.insert(0, str(REPO))
+    from configs import r50_c4_coco
+
+    config = r50_c4_coco.get_config()
+    config.train.init_backbone = str(out)
+    model = FasterRCNN(ModelConfig.from_dict(config.model.to_dict()))
+    init = _init_variables(model, config, 0)
+    np.testing.assert_array_equal(init["params"]["backbone"]["body"]["layer3"]["5"]["conv2"]["kernel"], v["params"]["layer3"]["5"]["conv2"]["kernel"])
+    np.testing.assert_array_equal(init["params"]["roi_heads"]["box_head"]["layer4"]["0"]["downsample_0"]["kernel"], v["params"]["layer4"]["0"]["downsample_0"]["kernel"])
+    np.testing.assert_array_equal(init["frozen"]["roi_heads"]["box_head"]["layer4"]["1"]["bn2"]["running_var"], v["frozen"]["layer4"]["1"]["bn2"]["running_var"])
+    config.model.depth = 101
+    with pytest.raises(ValueError, match="ResNet-50 checkpoint cannot initialise model.depth=101"):
+        _init_variables(FasterRCNN(ModelConfig.from_dict(config.model.to_dict())), config, 0)
+
 
 def test_cli(torch, tmp_path):
     env_py = [sys.executable, "-m", "frcnn_jax.convert"]

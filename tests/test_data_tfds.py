@@ -16,7 +16,7 @@ from frcnn_jax.categories import COCO_CATEGORY_IDS, VOC_CLASS_NAMES
 from frcnn_jax.data import TfdsSource, validate_example
 from frcnn_jax.data.coco_json import decode_image
 
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds  # a runtime dependency: a missing one is an error, not a skip
 
 # Images 9 and 25 (several boxes), 149 (with a crowd box), 308 (annotations removed: an image without objects).
 COCO_IMAGE_IDS = (9, 149, 25, 308)
@@ -227,3 +227,31 @@ def test_source_pickles_for_workers(tiny_tfds):
     source = TfdsSource("coco/2017", "validation", data_dir=str(tiny_tfds[0]))
     clone = cloudpickle.loads(cloudpickle.dumps(source))
     np.testing.assert_array_equal(clone[1]["boxes"], source[1]["boxes"])
+
+
+def test_voc_model_evaluation_reports_both_voc_metrics(tiny_tfds):
+    """eval.py's model path on a VOC dataset: COCO-style AP plus VOC mAP (11-point and area)."""
+    import jax
+
+    from frcnn_jax.data import builder
+    from frcnn_jax.evaluation.model_eval import evaluate_model
+    from frcnn_jax.modeling.config import ModelConfig
+    from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
+    from conftest import REPO
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from configs import r50_c4_voc
+
+    config = r50_c4_voc.get_config()
+    config.data.tfds.data_dir = str(tiny_tfds[0])
+    config.data.eval_batch_size = 2
+    source = builder.build_source(config.data, "val")
+    small = dict(depth=18, width=8, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50, pooler_resolution=6, box_score_thresh=0.0)
+    model = FasterRCNN(ModelConfig.from_dict({**config.model.to_dict(), **small}))
+    variables = init_variables(model, jax.random.key(0))
+    coco, voc = evaluate_model(model, variables, source, config, voc=True, progress=False)
+    assert set(coco.stats) >= {"AP", "AP50"}
+    assert set(voc) >= {"mAP_07_11point", "mAP_area", "AP_07_11point", "AP_area"}
+    assert 0.0 <= voc["mAP_area"] <= 1.0 and voc["AP_area"]["diningtable"] is not None
+    assert voc["AP_area"]["aeroplane"] is None  # no ground truth for this class

@@ -33,6 +33,7 @@ def tiny_config():
     config.train.num_steps = 6
     config.train.checkpoint_every = 2
     config.train.log_every = 1
+    config.train.eval_every = 4
     config.train.visualize = 2
     return config
 
@@ -57,7 +58,7 @@ def test_train_outputs_and_exact_resume(tmp_path):
     rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "lr", "images_per_sec"} <= set(rows[0])
-    assert any("eval/AP" in r for r in rows)
+    assert [r["step"] for r in rows if "eval/AP" in r] == [4, 6]  # periodic and final evaluation
     assert list((a / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (a / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
 
@@ -72,6 +73,15 @@ def test_train_outputs_and_exact_resume(tmp_path):
     losses_a = [r["loss"] for r in rows if "loss" in r]
     losses_b = [json.loads(line)["loss"] for line in (b / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     np.testing.assert_allclose(losses_b, losses_a, rtol=1e-6)
+
+    # the Detector API reads a training work directory
+    from frcnn_jax.data.shapes import ShapesDataset
+    from frcnn_jax.detector import Detector
+
+    det = Detector.from_checkpoint(b)
+    assert det.class_names[1:] == ["circle", "square", "triangle", "diamond", "cross"] and det.min_size == 128
+    out = det(ShapesDataset("val", num_images=1)[0]["image"])
+    assert out["boxes"].shape[1] == 4
 
     # eval.py on the training work directory (its own config) reproduces the final AP
     r = subprocess.run([sys.executable, "eval.py", f"--checkpoint={b}", f"--out={tmp_path / 'ev'}"], cwd=REPO, capture_output=True, text=True)

@@ -147,22 +147,15 @@ def encode_boxes(boxes, anchors, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
     dtype = compute_dtype(boxes, anchors)
     b = jnp.asarray(boxes, dtype)
     a = jnp.asarray(anchors, dtype)
-    wx, wy, ww, wh = weights
-
-    ex_w = a[..., 2] - a[..., 0]
-    ex_h = a[..., 3] - a[..., 1]
-    ex_cx = a[..., 0] + 0.5 * ex_w
-    ex_cy = a[..., 1] + 0.5 * ex_h
-    gt_w = b[..., 2] - b[..., 0]
-    gt_h = b[..., 3] - b[..., 1]
-    gt_cx = b[..., 0] + 0.5 * gt_w
-    gt_cy = b[..., 1] + 0.5 * gt_h
-
-    dx = wx * (gt_cx - ex_cx) / ex_w
-    dy = wy * (gt_cy - ex_cy) / ex_h
-    dw = ww * jnp.log(gt_w / ex_w)
-    dh = wh * jnp.log(gt_h / ex_h)
-    return jnp.stack([dx, dy, dw, dh], axis=-1).astype(_out_dtype(boxes, anchors))
+    w = jnp.asarray(weights, dtype)
+    # (x, y) pairs side by side: one vectorised pass over [..., 2] halves.
+    ex_wh = a[..., 2:] - a[..., :2]
+    ex_ctr = a[..., :2] + 0.5 * ex_wh
+    gt_wh = b[..., 2:] - b[..., :2]
+    gt_ctr = b[..., :2] + 0.5 * gt_wh
+    d_ctr = w[:2] * (gt_ctr - ex_ctr) / ex_wh
+    d_wh = w[2:] * jnp.log(gt_wh / ex_wh)
+    return jnp.concatenate([d_ctr, d_wh], axis=-1).astype(_out_dtype(boxes, anchors))
 
 
 def decode_boxes(
@@ -190,23 +183,13 @@ def decode_boxes(
     dtype = compute_dtype(deltas, anchors)
     d = jnp.asarray(deltas, dtype)
     a = jnp.asarray(anchors, dtype)
-    wx, wy, ww, wh = weights
+    w = jnp.asarray(weights, dtype)
 
-    widths = a[..., 2] - a[..., 0]
-    heights = a[..., 3] - a[..., 1]
-    ctr_x = a[..., 0] + 0.5 * widths
-    ctr_y = a[..., 1] + 0.5 * heights
-
-    dx = d[..., 0] / wx
-    dy = d[..., 1] / wy
-    dw = jnp.minimum(d[..., 2] / ww, clip)
-    dh = jnp.minimum(d[..., 3] / wh, clip)
-
-    pred_ctr_x = dx * widths + ctr_x
-    pred_ctr_y = dy * heights + ctr_y
-    half_w = 0.5 * (jnp.exp(dw) * widths)
-    half_h = 0.5 * (jnp.exp(dh) * heights)
-    out = jnp.stack(
-        [pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=-1
-    )
+    wh = a[..., 2:] - a[..., :2]
+    ctr = a[..., :2] + 0.5 * wh
+    d_ctr = d[..., :2] / w[:2]
+    d_wh = jnp.minimum(d[..., 2:] / w[2:], clip)
+    pred_ctr = d_ctr * wh + ctr
+    half = 0.5 * (jnp.exp(d_wh) * wh)
+    out = jnp.concatenate([pred_ctr - half, pred_ctr + half], axis=-1)
     return out.astype(_out_dtype(deltas, anchors))

@@ -69,18 +69,21 @@ def _check_resume_compatible(workdir: pathlib.Path, config: ml_collections.Confi
 
 
 def _init_variables(model: FasterRCNN, config, seed: int):
-    variables = init_variables(model, jax.random.key(seed))
+    """Random variables, with the trunk (and the C4 head's layer4) from `train.init_backbone` if set."""
     path = config.train.init_backbone
+    if path:  # check the backbone checkpoint before spending time on the model
+        meta = model_checkpoint.read_model_json(path).get("metadata", {})
+        if meta.get("kind") != "resnet_backbone":
+            raise ValueError(f"train.init_backbone={path!r}: not a ResNet backbone checkpoint (kind {meta.get('kind')!r})")
+        if meta.get("depth") != model.cfg.depth or model.cfg.width != 64:
+            raise ValueError(
+                f"train.init_backbone={path!r}: a ResNet-{meta.get('depth')} checkpoint cannot initialise "
+                f"model.depth={model.cfg.depth}, model.width={model.cfg.width}"
+            )
+    variables = init_variables(model, jax.random.key(seed))
     if not path:
         return variables
-    cfg, backbone, meta = model_checkpoint.load_model(path)
-    if meta.get("kind") != "resnet_backbone":
-        raise ValueError(f"train.init_backbone={path!r}: not a ResNet backbone checkpoint (kind {meta.get('kind')!r})")
-    if meta.get("depth") != model.cfg.depth or model.cfg.width != 64:
-        raise ValueError(
-            f"train.init_backbone={path!r}: a ResNet-{meta.get('depth')} checkpoint cannot initialise "
-            f"model.depth={model.cfg.depth}, model.width={model.cfg.width}"
-        )
+    _, backbone, _ = model_checkpoint.load_model(path)
     params = jax.tree.map(lambda x: x, variables["params"])
     frozen = jax.tree.map(lambda x: x, variables["frozen"])
     body_p, body_f = params["backbone"]["body"], frozen["backbone"]["body"]
