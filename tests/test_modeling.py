@@ -43,7 +43,7 @@ def test_model_config_from_dict_rejects_unknown_fields():
     assert cfg.num_anchors_per_location == 9  # the slides' VOC C4: cls_logits 9, bbox_pred 36
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((4, 5), (8, 10)), ((3, 5), (7, 9)), ((25, 34), (50, 68))])
+@pytest.mark.parametrize("in_hw,out_hw", [((4, 5), (8, 10)), ((3, 5), (7, 9)), ((25, 34), (50, 68)), ((5, 6), (15, 12))])
 def test_upsample_nearest_matches_torch(torch, in_hw, out_hw):
     x = np.random.default_rng(0).normal(size=(1, *in_hw, 3)).astype(np.float32)
     ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="nearest")

@@ -1,20 +1,36 @@
 """2-D convolution (NHWC, HWIO kernels) with a choice of XLA lowering.
 
-On CPU, XLA's convolution is up to 2x slower than a plain matrix product for 1x1
-kernels and for k x k kernels on batches of small maps (the C4 box head runs
-`layer4` on 1000 ROIs of 14x14). `conv2d(impl="auto")` then computes the convolution
-as a sum of k*k shifted matrix products (one for 1x1), which XLA maps onto its fast
-GEMM; on GPU/TPU, and for large maps on CPU, it uses `lax.conv_general_dilated`.
-Both give the same result up to float rounding.
+XLA's CPU convolution is slow in two places that Faster R-CNN hits hard, so on CPU
+`conv2d(impl="auto")` routes around them (measured on a 2-core AVX-512 machine, see
+`tests/test_conv.py` for the equivalence checks):
+
+* 1x1 kernels, and k x k kernels on batches of small maps (the C4 box head runs
+  `layer4` on 1000 ROIs of 14x14): XLA's convolution is up to 2x slower than a plain
+  matrix product. These are computed as a sum of k*k shifted matrix products (one for
+  1x1), which XLA maps onto its fast GEMM.
+* The kernel gradient of a k x k convolution over a large input with >= 128 channels
+  (FPN's P2 level: 3x3, 256 channels on 2x200x272 takes 6-8 s in XLA against 1.3 s as
+  shifted matrix products; 1x200x272x512: 11 s against 2 s). Such convolutions keep
+  XLA's forward and input gradient and compute the kernel gradient as one matrix
+  product per kernel tap.
+
+On GPU/TPU `auto` is always `lax.conv_general_dilated`. All lowerings give the same
+result up to float rounding.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "xla", "dot")
+
+# Inputs with at least this many elements (N*H*W*Cin) and >= 128 channels get the
+# matrix-product kernel gradient on CPU.
+_DOT_KERNEL_GRAD_MIN_ELEMENTS = 2**23
 
 
 def _use_dots(x_shape, kernel_shape, stride: int) -> bool:
@@ -27,27 +43,84 @@ def _use_dots(x_shape, kernel_shape, stride: int) -> bool:
     return out_h * out_w <= 256 and cin >= 128
 
 
-def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto"):
-    """x [N, H, W, Cin], kernel [kh, kw, Cin, Cout] -> [N, H', W', Cout] (torch-style symmetric padding)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    kh, kw = kernel.shape[:2]
-    if impl == "xla" or (impl == "auto" and not _use_dots(x.shape, kernel.shape, stride)):
-        return jax.lax.conv_general_dilated(
-            x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )  # fmt: skip
+def _use_dot_kernel_grad(x_shape, kernel_shape) -> bool:
+    if jax.default_backend() != "cpu":
+        return False
+    n, h, w, cin = x_shape
+    return cin >= 128 and n * h * w * cin >= _DOT_KERNEL_GRAD_MIN_ELEMENTS
+
+
+def _xla_conv(x, kernel, stride: int, padding: int):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
+
+
+def _taps(x, kh: int, kw: int, stride: int, padding: int):
+    """Yield (dy, dx, x window [N, H', W', Cin]) for each kernel tap of a padded input."""
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     out_h = (x.shape[1] - kh) // stride + 1
     out_w = (x.shape[2] - kw) // stride + 1
-    out = None
     for dy in range(kh):
         for dx in range(kw):
-            tap = x[:, dy : dy + stride * (out_h - 1) + 1 : stride, dx : dx + stride * (out_w - 1) + 1 : stride, :]
-            y = jnp.einsum("nhwc,cd->nhwd", tap, kernel[dy, dx])
-            out = y if out is None else out + y
+            yield dy, dx, x[:, dy : dy + stride * (out_h - 1) + 1 : stride, dx : dx + stride * (out_w - 1) + 1 : stride, :]
+
+
+def _dot_conv(x, kernel, stride: int, padding: int):
+    kh, kw = kernel.shape[:2]
+    out = None
+    for dy, dx, tap in _taps(x, kh, kw, stride, padding):
+        y = jnp.einsum("nhwc,cd->nhwd", tap, kernel[dy, dx])
+        out = y if out is None else out + y
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _xla_conv_dot_kernel_grad(x, kernel, stride: int, padding: int):
+    return _xla_conv(x, kernel, stride, padding)
+
+
+def _xla_conv_fwd(x, kernel, stride, padding):
+    return _xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _xla_conv_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    transpose = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
+    (dx,) = transpose(g)
+    kh, kw = kernel.shape[:2]
+    rows = [[None] * kw for _ in range(kh)]
+    for dy, dx_, tap in _taps(x, kh, kw, stride, padding):
+        rows[dy][dx_] = jnp.einsum("nhwc,nhwd->cd", tap, g)
+    dkernel = jnp.stack([jnp.stack(r) for r in rows]).astype(kernel.dtype)
+    return dx, dkernel
+
+
+_xla_conv_dot_kernel_grad.defvjp(_xla_conv_fwd, _xla_conv_bwd)
+
+
+def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto"):
+    """Convolution with torch-style symmetric zero padding.
+
+    Args:
+      x: [N, H, W, Cin] float32 or bfloat16.
+      kernel: [kh, kw, Cin, Cout], same dtype as `x`.
+      stride, padding: ints, the same in both spatial dimensions.
+      impl: "auto" (fastest lowering for the backend and shapes), "xla"
+        (`lax.conv_general_dilated`) or "dot" (sum of shifted matrix products).
+
+    Returns:
+      [N, (H + 2p - kh) // stride + 1, (W + 2p - kw) // stride + 1, Cout], dtype of `x`.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "dot" or (impl == "auto" and _use_dots(x.shape, kernel.shape, stride)):
+        return _dot_conv(x, kernel, stride, padding)
+    if impl == "auto" and _use_dot_kernel_grad(x.shape, kernel.shape):
+        return _xla_conv_dot_kernel_grad(x, kernel, stride, padding)
+    return _xla_conv(x, kernel, stride, padding)
 
 
 class Conv(nn.Module):

@@ -20,7 +20,15 @@ def upsample_nearest(x, out_hw: tuple[int, int]):
     _, h, w, _ = x.shape
     ys = np.minimum(np.floor(np.arange(out_hw[0], dtype=np.float32) * np.float32(h / out_hw[0])), h - 1)
     xs = np.minimum(np.floor(np.arange(out_hw[1], dtype=np.float32) * np.float32(w / out_hw[1])), w - 1)
-    return jnp.take(jnp.take(x, ys.astype(np.int32), axis=1), xs.astype(np.int32), axis=2)
+    ys, xs = ys.astype(np.int32), xs.astype(np.int32)
+    ry, rx = out_hw[0] // h, out_hw[1] // w
+    if ry >= 1 and rx >= 1 and np.array_equal(ys, np.arange(out_hw[0]) // ry) and np.array_equal(xs, np.arange(out_hw[1]) // rx):
+        # Integer factors (every FPN level on a canvas that is a multiple of 32): a
+        # broadcast, whose gradient is a sum rather than a scatter-add of the gather.
+        n, _, _, c = x.shape
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, ry, w, rx, c))
+        return x.reshape(n, h * ry, w * rx, c)
+    return jnp.take(jnp.take(x, ys, axis=1), xs, axis=2)
 
 
 class FPN(nn.Module):
