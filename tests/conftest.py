@@ -24,7 +24,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Many tests compile the same programs (a model per test, train/resume runs of one
 # config): share compiled executables across them through JAX's persistent cache.
-jax.config.update("jax_compilation_cache_dir", os.environ.get("FRCNN_TEST_XLA_CACHE", str(REPO / ".pytest_cache" / "xla")))
+# The command-line tools the tests run as subprocesses (train.py, eval.py, predict) use
+# the same cache, not the user's ~/.cache/frcnn_jax.
+_TEST_CACHE = os.environ.get("FRCNN_TEST_XLA_CACHE", str(REPO / ".pytest_cache" / "xla"))
+jax.config.update("jax_compilation_cache_dir", _TEST_CACHE)
+os.environ["FRCNN_JAX_CACHE_DIR"] = _TEST_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

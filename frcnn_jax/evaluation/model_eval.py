@@ -112,6 +112,7 @@ def predictions_png(model_cfg, variables, source, config, path, class_names, *, 
     detector = Detector(
         model_cfg, _variables(variables), class_names=class_names, min_size=config.data.test_min_size,
         max_size=config.data.max_size, canvases=config.data.canvases, score_threshold=score_threshold,
+        batch_size=config.data.eval_batch_size,  # the evaluation's program shape: no new compile
     )  # fmt: skip
     images = [source[i]["image"] for i in range(count)]
     tiles = []
