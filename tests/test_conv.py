@@ -51,9 +51,9 @@ def test_lowerings_agree_in_value_and_gradients(k, stride, padding):
 
 def test_auto_picks_the_matrix_product_kernel_gradient_for_large_inputs_on_cpu(monkeypatch):
     assert jax.default_backend() == "cpu"
-    assert conv_lib._use_dot_kernel_grad((2, 200, 272, 256), (3, 3, 256, 256))
-    assert not conv_lib._use_dot_kernel_grad((2, 200, 272, 64), (3, 3, 64, 64))
-    assert not conv_lib._use_dot_kernel_grad((2, 50, 68, 256), (3, 3, 256, 256))
+    assert conv_lib._use_dot_kernel_grad((2, 200, 272, 256))
+    assert not conv_lib._use_dot_kernel_grad((2, 200, 272, 64))
+    assert not conv_lib._use_dot_kernel_grad((2, 50, 68, 256))
     # With the size threshold lowered, auto differentiates through the custom rule
     # and gets the same gradients as plain XLA.
     monkeypatch.setattr(conv_lib, "_DOT_KERNEL_GRAD_MIN_ELEMENTS", 1)

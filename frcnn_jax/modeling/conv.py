@@ -43,7 +43,7 @@ def _use_dots(x_shape, kernel_shape, stride: int) -> bool:
     return out_h * out_w <= 256 and cin >= 128
 
 
-def _use_dot_kernel_grad(x_shape, kernel_shape) -> bool:
+def _use_dot_kernel_grad(x_shape) -> bool:
     if jax.default_backend() != "cpu":
         return False
     n, h, w, cin = x_shape
@@ -91,11 +91,9 @@ def _xla_conv_bwd(stride, padding, residuals, g):
     transpose = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
     (dx,) = transpose(g)
     kh, kw = kernel.shape[:2]
-    rows = [[None] * kw for _ in range(kh)]
-    for dy, dx_, tap in _taps(x, kh, kw, stride, padding):
-        rows[dy][dx_] = jnp.einsum("nhwc,nhwd->cd", tap, g)
-    dkernel = jnp.stack([jnp.stack(r) for r in rows]).astype(kernel.dtype)
-    return dx, dkernel
+    # _taps yields the taps in row-major (dy, dx) order: one [Cin, Cout] product each.
+    dkernel = jnp.stack([jnp.einsum("nhwc,nhwd->cd", tap, g) for _, _, tap in _taps(x, kh, kw, stride, padding)])
+    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _xla_conv_dot_kernel_grad.defvjp(_xla_conv_fwd, _xla_conv_bwd)
@@ -118,7 +116,7 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto"):
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "dot" or (impl == "auto" and _use_dots(x.shape, kernel.shape, stride)):
         return _dot_conv(x, kernel, stride, padding)
-    if impl == "auto" and _use_dot_kernel_grad(x.shape, kernel.shape):
+    if impl == "auto" and _use_dot_kernel_grad(x.shape):
         return _xla_conv_dot_kernel_grad(x, kernel, stride, padding)
     return _xla_conv(x, kernel, stride, padding)
 
