@@ -36,24 +36,7 @@ def proposal_rois(rng, n, height=800, width=1066):
     return b.astype(np.float32)
 
 
-def torch_timer(torch):
-    def run(fn, repeats):
-        import statistics
-        import time
-
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return run
-
-
 def bench_nms(rng, args, torch, tv, rows):
-    run = torch_timer(torch)
     for n in [1000, 6000, 12000]:
         boxes = clustered_boxes(rng, n)
         scores = rng.permutation(n).astype(np.float32) / n
@@ -61,13 +44,12 @@ def bench_nms(rng, args, torch, tv, rows):
         c = compile_seconds(f, boxes, scores)
         t_jax = median_seconds(f, boxes, scores, repeats=args.repeats)
         tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-        t_tv = run(lambda: tv.ops.nms(tb, ts, 0.7), args.repeats)
+        t_tv = median_seconds(lambda: tv.ops.nms(tb, ts, 0.7), repeats=args.repeats)
         kept = int((np.asarray(f(boxes, scores)) >= 0).sum())
         rows.append([f"nms iou 0.7", f"{n} boxes ({kept} kept)", t_jax, t_tv, c])
 
 
 def bench_roi_align(rng, args, torch, tv, rows):
-    run = torch_timer(torch)
     feat = rng.standard_normal((50, 67, 1024)).astype(np.float32)
     feat_t = torch.from_numpy(np.ascontiguousarray(feat.transpose(2, 0, 1)))[None]
     for r in [512, 1000]:
@@ -85,7 +67,7 @@ def bench_roi_align(rng, args, torch, tv, rows):
             fb = jax.jit(fwd_bwd)
             c = compile_seconds(fwd, feat, boxes)
             t_jax = median_seconds(fwd, feat, boxes, repeats=args.repeats)
-            t_tv = run(lambda: tv.ops.roi_align(feat_t, rois_t, 14, 1 / 16, sr, False), args.torch_repeats)
+            t_tv = median_seconds(lambda: tv.ops.roi_align(feat_t, rois_t, 14, 1 / 16, sr, False), repeats=args.torch_repeats)
             rows.append([f"roi_align fwd sr={sr}", f"{r} rois 14x14, [50,67,1024]", t_jax, t_tv, c])
 
             c = compile_seconds(fb, feat, boxes, cot)
@@ -97,14 +79,13 @@ def bench_roi_align(rng, args, torch, tv, rows):
                 out = tv.ops.roi_align(ft, rois_t, 14, 1 / 16, sr, False)
                 out.backward(cot_t)
 
-            t_tv = run(tv_fb, args.torch_repeats)
+            t_tv = median_seconds(tv_fb, repeats=args.torch_repeats)
             rows.append([f"roi_align fwd+bwd sr={sr}", f"{r} rois 14x14, [50,67,1024]", t_jax, t_tv, c])
 
 
 def bench_coder(rng, args, torch, tv, rows):
     from torchvision.models.detection._utils import BoxCoder
 
-    run = torch_timer(torch)
     n = 100_000
     anchors = proposal_rois(rng, n)
     anchors[:, 2:] += 1.0
@@ -120,7 +101,7 @@ def bench_coder(rng, args, torch, tv, rows):
             "encode_boxes",
             f"{n} boxes",
             median_seconds(enc, gt, anchors, repeats=args.repeats),
-            run(lambda: coder.encode_single(tg, ta), args.repeats),
+            median_seconds(lambda: coder.encode_single(tg, ta), repeats=args.repeats),
             compile_seconds(enc, gt, anchors),
         ]
     )
@@ -129,7 +110,7 @@ def bench_coder(rng, args, torch, tv, rows):
             "decode_boxes",
             f"{n} boxes",
             median_seconds(dec, deltas, anchors, repeats=args.repeats),
-            run(lambda: coder.decode_single(td, ta), args.repeats),
+            median_seconds(lambda: coder.decode_single(td, ta), repeats=args.repeats),
             compile_seconds(dec, deltas, anchors),
         ]
     )

@@ -68,8 +68,12 @@ def _check_resume_compatible(workdir: pathlib.Path, config: ml_collections.Confi
         )
 
 
-def _init_variables(model: FasterRCNN, config, seed: int):
-    """Random variables, with the trunk (and the C4 head's layer4) from `train.init_backbone` if set."""
+def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool = True):
+    """Random variables, with the trunk (and the C4 head's layer4) from `train.init_backbone` if set.
+
+    The backbone checkpoint is always checked; with load_backbone=False (a resumed run,
+    whose checkpoint replaces these values) it is not read.
+    """
     path = config.train.init_backbone
     if path:  # check the backbone checkpoint before spending time on the model
         meta = model_checkpoint.read_model_json(path).get("metadata", {})
@@ -81,7 +85,7 @@ def _init_variables(model: FasterRCNN, config, seed: int):
                 f"model.depth={model.cfg.depth}, model.width={model.cfg.width}"
             )
     variables = init_variables(model, jax.random.key(seed))
-    if not path:
+    if not path or not load_backbone:
         return variables
     _, backbone, _ = model_checkpoint.load_model(path)
     params = jax.tree.map(lambda x: x, variables["params"])
@@ -139,9 +143,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
 
     model = FasterRCNN(model_cfg)
     lr_fn = learning_rate_schedule(optim_cfg)
-    variables = _init_variables(model, config, config.seed)
-    state, tx = create_train_state(model, variables, optim_cfg, config.seed)
     mngr = checkpointing.manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    variables = _init_variables(model, config, config.seed, load_backbone=mngr.latest_step() is None)
+    state, tx = create_train_state(model, variables, optim_cfg, config.seed)
     data_state = None
     meta = {
         "class_names": ["__background__"] + list(train_source.class_names),
