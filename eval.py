@@ -93,21 +93,20 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out: str, max_image
     """The model mode: batched jitted inference over `split`, COCO (and VOC) metrics."""
     import ml_collections
 
-    from frcnn_jax import checkpoint as ckpt
+    from frcnn_jax import model_checkpoint, run_checkpoint
     from frcnn_jax.data import builder
     from frcnn_jax.evaluation import report
     from frcnn_jax.evaluation.model_eval import evaluate_model
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN
-    from frcnn_jax.training import checkpointing
 
     if os.path.exists(out) and not os.path.isdir(out):
         return _fail(f"output directory '{out}' exists and is not a directory")
     try:
-        model_cfg, variables, meta = ckpt.load_model(checkpoint)
+        model_cfg, variables, meta = model_checkpoint.load_model(checkpoint)
         if model_cfg is None:
             return _fail(f"{checkpoint} holds a backbone only ({meta.get('kind')}), not a detector")
         if config is None:
-            config = ml_collections.ConfigDict(checkpointing.read_config(checkpoint))
+            config = ml_collections.ConfigDict(run_checkpoint.read_config(checkpoint))
         builder.validate_data_config(config.data)
         source = builder.build_source(config.data, split)
     except (FileNotFoundError, ValueError) as e:

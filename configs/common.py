@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.max_gt = 100  # ground-truth boxes per image (padded)
     config.data.batch_size = 16  # global batch (all devices, all hosts)
     config.data.eval_batch_size = 8
-    config.data.num_workers = 0  # grain worker processes (0 = in the main process)
+    # grain worker processes: "auto" (0 on CPU, else min(16, cores // 2)) or a number (0: threads
+    # of the training process); see frcnn_jax.data.builder.resolve_num_workers.
+    config.data.num_workers = "auto"
     config.data.hflip = True
     config.data.shapes = ml_collections.ConfigDict(dict(image_size=128, num_train=1_000_000, num_val=500, seed=0))
     config.data.tfds = ml_collections.ConfigDict(dict(name="coco/2017", train_split="train", val_split="validation", data_dir=""))
@@ -58,4 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_max_images = 0  # 0: the whole validation split
     config.train.init_backbone = ""  # converted ImageNet ResNet (`python -m frcnn_jax.convert --arch resnet50`)
     config.train.visualize = 8  # validation images drawn into WORKDIR/detections.png at the end
+    config.train.async_checkpoint = True  # orbax writes in the background; the last save is awaited
+    config.train.prefetch = 2  # batches placed on the devices ahead of the running step
+    # "allow" | "log" | "disallow": jax.transfer_guard_device_to_host between metric fetches
+    # ("disallow" turns an accidental per-step host sync into an error).
+    config.train.transfer_guard = "allow"
     return config

@@ -38,7 +38,6 @@ def get_config():
         max_gt=8,
         batch_size=8,
         eval_batch_size=8,
-        num_workers=0,
     )
     config.data.shapes.update(image_size=128, num_val=200)
     config.optim.update(base_lr=0.02, warmup_steps=100, schedule="step", decay_steps=(1400,), total_steps=1800)

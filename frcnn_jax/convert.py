@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from frcnn_jax import checkpoint as ckpt
+from frcnn_jax import model_checkpoint as ckpt
 from frcnn_jax.categories import COCO_CATEGORY_NAMES_91
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frcnn_jax import checkpoint as ckpt
+from frcnn_jax import model_checkpoint as ckpt
 from frcnn_jax.data import transforms
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN

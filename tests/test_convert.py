@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from frcnn_jax import checkpoint, convert
+from frcnn_jax import convert
+from frcnn_jax import model_checkpoint as checkpoint
 from conftest import REPO
 
 

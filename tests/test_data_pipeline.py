@@ -226,13 +226,19 @@ def test_per_host_shards_are_disjoint():
         batch_counts.append(len(batches))
     assert set().union(*per_shard) == set(range(10)) and sum(map(len, per_shard)) == 10
     assert len(set(batch_counts)) == 1  # shards padded to equal length: hosts stay in step
+    # Training: each host prepares its rows of the same global batches, whatever the host count.
     train = ShapesDataset("train", num_images=20)
-    kw = dict(train=True, seed=0, shard_count=2, **{**SINGLE, "batch_size": 5})
-    a, b = build_iterator(train, shard_index=0, **kw), build_iterator(train, shard_index=1, **kw)
-    ids_a = np.concatenate([x["image_id"] for x in _take(a, 2)])
-    ids_b = np.concatenate([x["image_id"] for x in _take(b, 2)])
-    a.close(), b.close()
-    assert set(ids_a) == set(range(0, 20, 2)) and set(ids_b) == set(range(1, 20, 2))
+    one = build_iterator(train, train=True, seed=0, shard_index=0, shard_count=1, **{**SINGLE, "batch_size": 6})
+    hosts = [build_iterator(train, train=True, seed=0, shard_index=i, shard_count=3, **{**SINGLE, "batch_size": 2}) for i in range(3)]
+    for _ in range(5):  # more than an epoch: the reshuffle is global too
+        whole = next(one)
+        parts = [next(h) for h in hosts]
+        for key in ("image", "boxes", "labels", "image_id"):
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+    for it in [one, *hosts]:
+        it.close()
+    with pytest.raises(ValueError, match="needs a single canvas"):
+        build_iterator(train, train=True, seed=0, shard_index=0, shard_count=2, **{**MULTI, "batch_size": 2})
 
 
 def test_errors_and_truncation_warning(caplog):

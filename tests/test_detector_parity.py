@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frcnn_jax import checkpoint, convert, ops
+from frcnn_jax import convert, ops
+from frcnn_jax import model_checkpoint as checkpoint
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN
 from frcnn_jax.modeling.rpn import level_anchors, select_proposals
 

@@ -85,7 +85,7 @@ def test_bfloat16_forward_and_batching(arch):
 
 
 def test_detector_api_inputs_and_rescaling(tmp_path):
-    from frcnn_jax import checkpoint
+    from frcnn_jax import model_checkpoint as checkpoint
     from frcnn_jax.detector import Detector
 
     cfg = ModelConfig(arch="fpn", **SMALL).replace(box_score_thresh=0.0)

@@ -3,45 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from configs import default as default_config  # noqa: E402
+import tiny_config as tiny_config_lib  # noqa: E402
 
 
 def tiny_config():
-    config = default_config.get_config()
-    config.model.width = 8
-    config.model.fpn_channels = 16
-    config.model.representation_size = 32
-    config.model.rpn_post_nms_top_n_train = 32
-    config.model.box_batch_size_per_image = 16
-    config.data.batch_size = 8
-    config.data.eval_batch_size = 8
-    config.data.shapes.num_val = 8
-    config.optim.warmup_steps = 2
-    config.optim.decay_steps = (4,)
-    config.optim.total_steps = 6
-    config.train.num_steps = 6
-    config.train.checkpoint_every = 2
-    config.train.log_every = 1
-    config.train.eval_every = 4
-    config.train.visualize = 2
-    return config
+    return tiny_config_lib.get_config()
 
 
 def _params(workdir):
-    from frcnn_jax.training import checkpointing
+    from frcnn_jax import run_checkpoint
 
-    _, variables, _ = checkpointing.load_model_from_workdir(workdir)
+    _, variables, _ = run_checkpoint.load_model(workdir)
     return variables["params"]
 
 
@@ -96,12 +79,19 @@ def test_non_finite_loss_stops_with_the_step_and_term(tmp_path):
     config.optim.base_lr = 1e6
     config.optim.warmup_steps = 0
     config.optim.clip_grad_norm = 0.0
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step \d+: .*loss"):
+    config.train.log_every = 5  # metrics are fetched at step 5: the check at checkpoint steps must stop it first
+    config.train.eval_every = 0
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step (\d+): .*loss") as e:
         train_and_evaluate(config, tmp_path / "nan")
+    first_bad = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    assert first_bad <= 2  # lr 1e6 blows up at once; step 2 is a checkpoint step
     # every checkpoint that was written holds finite parameters
-    mngr = ocp.CheckpointManager((tmp_path / "nan" / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
-    for step in mngr.all_steps():
-        _, variables, _ = __import__("frcnn_jax.training.checkpointing", fromlist=["x"]).load_model_from_workdir(tmp_path / "nan" / "checkpoints" / str(step))
+    from frcnn_jax import run_checkpoint
+
+    steps = run_checkpoint.RunCheckpointer(tmp_path / "nan", read_only=True).all_steps()
+    assert all(step < first_bad for step in steps), (steps, first_bad)
+    for step in steps:
+        _, variables, _ = run_checkpoint.load_model(tmp_path / "nan" / "checkpoints" / str(step))
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables["params"]))
 
 

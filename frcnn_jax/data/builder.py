@@ -34,8 +34,10 @@ def validate_data_config(data) -> None:
     sizes = (data.min_size,) if np.isscalar(data.min_size) else tuple(data.min_size)
     if not sizes or min(sizes) < 1:
         fail("min_size", "must be a positive size or a non-empty tuple of them")
-    if int(data.num_workers) < 0:
-        fail("num_workers", "must be >= 0")
+    try:
+        resolve_num_workers(data.num_workers, backend="cpu", cpu_count=1)
+    except ValueError as e:
+        fail("num_workers", str(e))
     try:
         transforms.check_canvases(data.canvases)
     except ValueError as e:
@@ -45,6 +47,34 @@ def validate_data_config(data) -> None:
             for key in (f"{split}_annotations", f"{split}_images"):
                 if not data.coco_json[key]:
                     raise ValueError(f"data.coco_json.{key} is empty: set it to the COCO JSON / image folder of the {split} split")
+
+
+def resolve_num_workers(value, *, backend: str, cpu_count: int) -> int:
+    """`data.num_workers` -> the number of grain worker processes.
+
+    An integer >= 0 is used as given (0: images are prepared by threads of the training
+    process). "auto": 0 on the CPU backend, where the model's computation already uses
+    every core and worker processes would only compete with it; on an accelerator
+    backend half the host's cores, between 1 and 16 (`min(16, max(1, cpu_count // 2))`),
+    leaving the other half to the training process, its prefetch threads and XLA.
+    """
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return 0 if backend == "cpu" else min(16, max(1, int(cpu_count) // 2))
+        if not value.strip().isdigit():
+            raise ValueError('must be "auto" or an integer >= 0')
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError('must be "auto" or an integer >= 0')
+    return int(value)
+
+
+def _num_workers(data) -> int:
+    import os
+
+    import jax
+
+    return resolve_num_workers(data.num_workers, backend=jax.default_backend(), cpu_count=os.cpu_count() or 1)
 
 
 def build_source(data, split: str = "train") -> Any:
@@ -91,12 +121,16 @@ def train_iterator(source, data, *, seed: int, num_hosts: int | None = None):
         max_gt=int(data.max_gt),
         train=True,
         seed=int(seed),
-        num_workers=int(data.num_workers),
+        num_workers=_num_workers(data),
     )
 
 
-def eval_iterator(source, data, *, max_images: int = 0):
-    """Every image of `source` once (or the first `max_images`), batches padded with valid=False."""
+def eval_iterator(source, data, *, max_images: int = 0, shard_index: int = 0, shard_count: int = 1):
+    """Every image of `source` once (or the first `max_images`), batches padded with valid=False.
+
+    shard_index / shard_count: this host's share (images shard_index::shard_count); every
+    shard yields the same number of batches when the data has a single canvas.
+    """
     if max_images:
         source = _Prefix(source, max_images)
     it = build_iterator(
@@ -107,9 +141,9 @@ def eval_iterator(source, data, *, max_images: int = 0):
         max_size=int(data.max_size),
         max_gt=int(data.max_gt),
         train=False,
-        num_workers=int(data.num_workers),
-        shard_index=0,
-        shard_count=1,
+        num_workers=_num_workers(data),
+        shard_index=shard_index,
+        shard_count=shard_count,
     )
     try:
         yield from it

@@ -29,11 +29,16 @@ the smallest canvas that holds the resized image and pad the targets to G rows
 image_size = orig_size = the canvas size (never zero), zero images and no valid targets.
 
 Order, grouping and determinism:
-- Records are addressed by *position* in a per-host stream: the host's shard
-  (`shard_index::shard_count` of the source, disjoint across hosts), shuffled with `seed`
-  and repeated forever with a new shuffle each epoch (training), or in order once (eval).
-  The image at a position and its augmentation (drawn from
-  `default_rng([seed, shard_index, position])`) depend only on the seed and the position.
+- Training reads one global stream: the whole source shuffled with `seed` and repeated
+  forever with a new shuffle each epoch. Global batch k is stream positions
+  [k * B, (k + 1) * B) for the global batch B = batch_size * shard_count, and host
+  `shard_index` prepares rows [shard_index * batch_size, (shard_index + 1) * batch_size)
+  of it. So the global batches, and the trained parameters, are the same for any number
+  of hosts (multi-host training needs a single canvas, checked). The image at a stream
+  position and its augmentation (drawn from `default_rng([seed, 0, position])`) depend
+  only on the seed and the position.
+- Eval reads each host's shard (`shard_index::shard_count` of the source, disjoint
+  across hosts) in order, once.
 - grain reads positions in order (threads in-process, or `num_workers` processes each
   taking every num_workers-th position, interleaved back in order), so the stream of
   prepared images is the same for any number of workers.
@@ -85,27 +90,29 @@ BATCH_KEYS = (
 
 
 class _PrepareExample:
-    """(position, source index) -> one prepared image (picklable: it runs in grain workers).
+    """(host position, (stream position, source index)) -> one prepared image (picklable: grain workers run it).
 
-    Returns a dict: "image" float32 [h, w, 3] normalised (unpadded), "canvas" int32 [2],
-    "image_size", "orig_size" int32 [2], the padded targets of `pad_targets`, "image_id"
-    int64, "position" int64, "valid" bool. Source index -1 gives a padding example.
+    The host position addresses the example in this host's dataset (kept in the iterator
+    state); the stream position keys the augmentation. Returns a dict: "image" float32
+    [h, w, 3] normalised (unpadded), "canvas" int32 [2], "image_size", "orig_size" int32
+    [2], the padded targets of `pad_targets`, "image_id" int64, "position" int64 (the host
+    position), "valid" bool. Source index -1 gives a padding example.
     """
 
-    def __init__(self, source, *, seed, shard_index, train, min_sizes, max_size, canvases, max_gt):
+    def __init__(self, source, *, seed, train, min_sizes, max_size, canvases, max_gt):
         self.source = source
-        self.seed, self.shard_index, self.train = seed, shard_index, train
+        self.seed, self.train = seed, train
         self.min_sizes, self.max_size = min_sizes, max_size
         self.canvases, self.max_gt = canvases, max_gt
 
-    def __call__(self, position: int, source_index) -> dict:
-        source_index = int(source_index)
+    def __call__(self, position: int, item) -> dict:
+        stream_position, source_index = int(item[0]), int(item[1])
         if source_index < 0:
             return self.padding(self.canvases[0], position)
         ex = self.source[source_index]
         image, image_id = ex["image"], ex["image_id"]
         if self.train:
-            rng = np.random.default_rng([self.seed, self.shard_index, int(position)])
+            rng = np.random.default_rng([self.seed, 0, stream_position])
             min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
             flip = bool(rng.random() < 0.5)
         else:
@@ -265,8 +272,9 @@ def build_dataset(
         N grain worker processes. The batches are the same for every value.
       num_threads: threads preparing images in each process.
       prefetch_batches: batches assembled ahead in a background thread (0: none).
-      shard_index, shard_count: this host's shard of the source (default
-        `jax.process_index()`, `jax.process_count()`).
+      shard_index, shard_count: this host and the number of hosts (default
+        `jax.process_index()`, `jax.process_count()`): training prepares this host's rows
+        of each global batch, eval this host's shard of the source (see the module doc).
     Returns:
       grain.IterDataset; `iter(ds)` gives an iterator with `get_state()` / `set_state()`.
     """
@@ -290,21 +298,33 @@ def build_dataset(
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
     n = len(source)
-    shard_len = len(range(shard_index, n, shard_count))
-    if train and shard_len == 0:
-        raise ValueError(f"shard {shard_index} of {shard_count} of {source!r} ({n} records) is empty")
+    if n == 0:
+        raise ValueError(f"{source!r} has no records")
+    if train and shard_count > 1 and len(canvases) > 1:
+        raise ValueError(
+            f"canvases={canvases!r}: training on {shard_count} hosts needs a single canvas (each host groups its "
+            "own images by canvas, so the hosts' rows of a global batch could differ in shape)"
+        )
 
     prepare = _PrepareExample(
-        source, seed=seed, shard_index=shard_index, train=train, min_sizes=min_sizes,
+        source, seed=seed, train=train, min_sizes=min_sizes,
         max_size=int(max_size), canvases=canvases, max_gt=int(max_gt),
-    )
+    )  # fmt: skip
     if train:
-        indices = grain.MapDataset.range(shard_index, n, shard_count).shuffle(seed=seed).repeat()
+        stream = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+        rows, global_batch = batch_size, batch_size * shard_count
+
+        def stream_item(q):  # host position q -> (stream position, source index)
+            position = (q // rows) * global_batch + shard_index * rows + q % rows
+            return position, stream[position]
+
+        indices = grain.MapDataset.range(len(stream) // shard_count).map(stream_item)
     else:
         # Pad every shard to the longest shard's length with padding positions (index -1).
+        shard_len = len(range(shard_index, n, shard_count))
         per_host = -(-n // shard_count)
         indices = grain.MapDataset.range(per_host).map(
-            lambda p: shard_index + p * shard_count if p < shard_len else -1
+            lambda p: (p, shard_index + p * shard_count if p < shard_len else -1)
         )
     examples = indices.map_with_index(prepare)
     reader = examples.to_iter_dataset(

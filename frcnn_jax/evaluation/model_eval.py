@@ -3,6 +3,15 @@
 Used by the training loop (periodic and final evaluation) and by `eval.py`. Unlike the
 rest of `frcnn_jax.evaluation` this module needs JAX (the package itself imports
 without it).
+
+Multi-process runs split the images across processes: process i predicts images
+i::num_processes of the split on its own devices (with its host copy of the replicated
+parameters), the fixed-shape detections of every process are gathered to all of them
+(`multihost_utils.process_allgather`), and every process computes the same COCO metrics
+from the whole split (process 0 alone writes them, see the training loop). The metrics
+equal a single-process evaluation: COCO matching is per image, and pycocotools orders
+images by id. This needs equally many batches per process, which holds with a single
+canvas (multi-process training requires one).
 """
 
 from __future__ import annotations
@@ -30,8 +39,11 @@ def _forward(model: FasterRCNN):
     return jax.jit(lambda v, images, sizes: model.apply(v, images, sizes))
 
 
-def predict_dataset(model: FasterRCNN, variables, source, data_cfg, *, max_images: int = 0, progress: bool = True):
-    """Detections for every image of `source` (or the first `max_images`).
+def predict_dataset(
+    model: FasterRCNN, variables, source, data_cfg, *, max_images: int = 0, progress: bool = True,
+    shard_index: int = 0, shard_count: int = 1,
+):  # fmt: skip
+    """Detections for every image of `source` (or the first `max_images`; shard_index::shard_count of them).
 
     Yields (batch, detections) per batch, detections in ORIGINAL image pixels:
     boxes [B, D, 4], scores [B, D], labels [B, D], valid [B, D] (numpy; padding
@@ -40,8 +52,12 @@ def predict_dataset(model: FasterRCNN, variables, source, data_cfg, *, max_image
     variables = _variables(variables)
     forward = _forward(model)
     total = len(source) if not max_images else min(max_images, len(source))
+    total = len(range(shard_index, total, shard_count))
     bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
-    for batch in data_lib.eval_iterator(source, data_cfg, max_images=max_images):
+    batches = data_lib.eval_iterator(
+        source, data_cfg, max_images=max_images, shard_index=shard_index, shard_count=shard_count
+    )
+    for batch in batches:
         out = jax.device_get(forward(variables, batch["image"], batch["image_size"]))
         boxes = np.stack([np.asarray(rescale_boxes(out["boxes"][i], batch["image_size"][i], batch["orig_size"][i])) for i in range(len(out["boxes"]))])
         valid = out["valid"] & batch["valid"][:, None]
@@ -63,16 +79,28 @@ def evaluate_model(
     """
     mapping = source.label_to_category_id if label_to_category_id is None else label_to_category_id
     max_images = config.train.eval_max_images if max_images is None else max_images
-    results, seen, voc_gt, voc_dt = [], [], [], []
     labels_known = np.asarray(sorted(int(k) for k in mapping), np.int64)
-    for batch, det in predict_dataset(model, variables, source, config.data, max_images=max_images, progress=progress):
+    process, processes = jax.process_index(), jax.process_count()
+    if processes > 1:  # this host's copy of the replicated parameters; predicts on local devices
+        variables = jax.device_get(_variables(variables))
+    rows = []
+    predictions = predict_dataset(
+        model, variables, source, config.data, max_images=max_images, progress=progress and process == 0,
+        shard_index=process, shard_count=processes,
+    )  # fmt: skip
+    for batch, det in predictions:
         det["valid"] &= np.isin(det["labels"], labels_known)  # classes this dataset does not have
-        ids = batch["image_id"][batch["valid"]]
+        rows.append({"image_id": batch["image_id"], "image_valid": batch["valid"], **det})
+    if processes > 1:
+        rows = _gather_rows(rows)
+    results, seen, voc_gt, voc_dt = [], [], [], []
+    for row in rows:
+        ids = row["image_id"][row["image_valid"]]
         seen.extend(int(i) for i in ids)
-        results += to_coco_results(batch["image_id"], det["boxes"], det["scores"], det["labels"], mapping, det["valid"])
+        results += to_coco_results(row["image_id"], row["boxes"], row["scores"], row["labels"], mapping, row["valid"])
         if voc:
-            for i in np.flatnonzero(batch["valid"]):
-                voc_dt.append({k: det[k][i] for k in ("boxes", "scores", "labels", "valid")})
+            for i in np.flatnonzero(row["image_valid"]):
+                voc_dt.append({k: row[k][i] for k in ("boxes", "scores", "labels", "valid")})
     gt = source.coco_gt()
     if max_images:
         keep = set(seen)
@@ -99,6 +127,25 @@ def evaluate_model(
                        "difficult": np.asarray(e["difficult"], bool)})  # fmt: skip
     names = list(source.class_names)
     return coco, evaluate_voc(voc_gt, voc_dt, len(names), names)
+
+
+def _gather_rows(rows: list[dict]) -> list[dict]:
+    """Every process's per-batch detection rows, process by process (a collective: all must call)."""
+    from jax.experimental import multihost_utils
+
+    local = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
+    counts = multihost_utils.process_allgather(np.int32(len(rows)))
+    if len(set(np.asarray(counts).tolist())) != 1:
+        raise ValueError(
+            f"evaluation batches per process differ ({np.asarray(counts).tolist()}): multi-process evaluation needs a "
+            "single data.canvases entry"
+        )
+    gathered = multihost_utils.process_allgather(local)  # [processes, batches, ...]
+    return [
+        {k: v[p, b] for k, v in gathered.items()}
+        for p in range(int(jax.process_count()))
+        for b in range(len(rows))
+    ]
 
 
 def predictions_png(model_cfg, variables, source, config, path, class_names, *, count: int | None = None, score_threshold: float = 0.5):

@@ -4,13 +4,35 @@ Flax-examples style: build the data, the model and the train state, resume from 
 latest checkpoint in `workdir` if there is one, then step, log, checkpoint and
 evaluate. Everything that decides numbers lives in the pure functions it calls
 (`train_step`, `targets`, the ops); this file only wires them together.
+
+How the loop keeps an accelerator busy:
+- No host sync between log steps. Each step is one jitted call,
+  `(state, monitor) <- step(state, monitor, batch)`, dispatched asynchronously; the
+  metrics stay on the device, summed in `monitor` (`frcnn_jax.training.monitor`), and are
+  fetched every `train.log_every` steps (logged as means over those steps). The record of
+  the first non-finite step is fetched before every checkpoint, log and evaluation, so
+  training stops (`TrainingDiverged`, naming the step and term) before a checkpoint with
+  non-finite parameters is written. `train.transfer_guard` ("allow" | "log" |
+  "disallow") puts the stretch between fetches under `jax.transfer_guard_device_to_host`,
+  to find (or forbid) accidental syncs.
+- Input overlap: a `DevicePrefetcher` thread pulls batches from the grain pipeline and
+  starts their sharded `device_put` while the current step runs (`train.prefetch`
+  batches ahead).
+- Checkpoints (`frcnn_jax.run_checkpoint`) hold the train state, the monitor and every
+  process's input-iterator state in one orbax step, written asynchronously
+  (`train.async_checkpoint`); the last save is awaited before the loop returns or raises.
+
+Multi-process runs (`jax.distributed`): every process runs this loop on its own shard of
+the data and takes part in checkpointing and evaluation; process 0 alone writes
+config.json, metrics.jsonl, TensorBoard, eval_final.json, loss_curve.png and
+detections.png.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import pathlib
 import time
 from typing import Any
@@ -20,18 +42,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from frcnn_jax import checkpoint as model_checkpoint
+from frcnn_jax import model_checkpoint, run_checkpoint
 from frcnn_jax.data import builder as data_lib
-from frcnn_jax.evaluation.coco import evaluate_coco
+from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
-from frcnn_jax.training import checkpointing, sharding
-from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
-from frcnn_jax.training.metrics import MetricsWriter, plot_losses
+from frcnn_jax.training import monitor as monitor_lib
+from frcnn_jax.training import sharding
+from frcnn_jax.training.metrics import MetricsWriter, Progress, plot_losses
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
-from frcnn_jax.training.train_step import LOSS_NAMES, TrainState, create_train_state, make_train_step
+from frcnn_jax.training.prefetch import DevicePrefetcher
+from frcnn_jax.training.train_step import METRIC_NAMES, create_train_state, make_train_step
 
 log = logging.getLogger(__name__)
+
+
+TRANSFER_GUARDS = ("allow", "log", "disallow")
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,9 +69,11 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Opt
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
     optim_cfg = OptimConfig.from_dict(config.optim.to_dict())
     t = config.train
-    for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch"):
         if int(t[name]) < 1:
             raise ValueError(f"train.{name}={t[name]!r}: must be >= 1")
+    if t.transfer_guard not in TRANSFER_GUARDS:
+        raise ValueError(f"train.transfer_guard={t.transfer_guard!r}: must be one of {TRANSFER_GUARDS}")
     for name in ("eval_every", "eval_max_images", "visualize"):
         if int(t[name]) < 0:
             raise ValueError(f"train.{name}={t[name]!r}: must be >= 0")
@@ -55,7 +83,7 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Opt
 
 def _check_resume_compatible(workdir: pathlib.Path, config: ml_collections.ConfigDict):
     """A work directory holds one run: its model must not change between restarts."""
-    path = workdir / checkpointing.CONFIG_JSON
+    path = workdir / run_checkpoint.CONFIG_JSON
     if not path.exists():
         return
     saved = json.loads(path.read_text()).get("model", {})
@@ -102,8 +130,20 @@ def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool
     return {"params": params, "frozen": frozen}
 
 
-def _to_host_metrics(metrics) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+def _run_meta(train_source, config) -> dict:
+    """What a checkpoint records beside the weights, for inference from the work directory."""
+    return {
+        "class_names": ["__background__"] + list(train_source.class_names),
+        "label_to_category_id": {str(k): int(v) for k, v in train_source.label_to_category_id.items()},
+        "min_size": int(config.data.test_min_size),
+        "max_size": int(config.data.max_size),
+        "canvases": [list(c) for c in config.data.canvases],
+    }
+
+
+def _abstract(tree, sharding_):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_), tree)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after_steps: int | None = None) -> dict[str, Any]:
@@ -130,88 +170,114 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
         )
     mesh = sharding.data_mesh()
     sharding.check_batch_size(config.data.batch_size, mesh)
-    multi_host = jax.process_count() > 1
-    if multi_host and len(config.data.canvases) > 1:
+    multi_process = jax.process_count() > 1
+    is_writer = jax.process_index() == 0
+    if multi_process and len(config.data.canvases) > 1:
         raise ValueError(
             f"data.canvases={config.data.canvases!r}: multi-host training needs a single canvas (each host "
             "groups its own images by canvas, so hosts could otherwise disagree on a step's shape)"
         )
-    put_batch = sharding.process_batch_to_global if multi_host else sharding.put_batch
     _check_resume_compatible(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpointing.write_config(workdir, config.to_dict())
+    if is_writer:
+        run_checkpoint.write_config(workdir, config.to_dict())
 
     model = FasterRCNN(model_cfg)
     lr_fn = learning_rate_schedule(optim_cfg)
-    mngr = checkpointing.manager(workdir, max_to_keep=config.train.keep_checkpoints)
-    variables = _init_variables(model, config, config.seed, load_backbone=mngr.latest_step() is None)
+    ckpt = run_checkpoint.RunCheckpointer(
+        workdir, max_to_keep=config.train.keep_checkpoints, async_save=bool(config.train.async_checkpoint)
+    )
+    resuming = ckpt.latest_step() is not None
+    variables = _init_variables(model, config, config.seed, load_backbone=not resuming)
     state, tx = create_train_state(model, variables, optim_cfg, config.seed)
-    data_state = None
-    meta = {
-        "class_names": ["__background__"] + list(train_source.class_names),
-        "label_to_category_id": {str(k): int(v) for k, v in train_source.label_to_category_id.items()},
-        "min_size": int(config.data.test_min_size),
-        "max_size": int(config.data.max_size),
-        "canvases": [list(c) for c in config.data.canvases],
-    }
-    if mngr.latest_step() is not None:
-        abstract = jax.eval_shape(lambda: state)
-        state, data_state, _ = checkpointing.restore(mngr, abstract)
-        state = jax.tree.map(jnp.asarray, state)
-        log.info("resumed from step %d", int(state.step))
+    rep = sharding.replicated(mesh)
+    monitor = monitor_lib.init_monitor(METRIC_NAMES)
 
-    train_iter = data_lib.train_iterator(train_source, config.data, seed=config.seed)
-    if data_state is not None:
-        train_iter.set_state(data_state)
+    place = sharding.process_batch_to_global if multi_process else sharding.put_batch
+    host_iter = data_lib.train_iterator(train_source, config.data, seed=config.seed)
+    train_iter = DevicePrefetcher(host_iter, lambda batch: place(batch, mesh), depth=int(config.train.prefetch))
+    meta = _run_meta(train_source, config)
+    writer = progress = None
+    try:
+        if resuming:
+            state, monitor, _ = ckpt.restore(_abstract(state, rep), _abstract(monitor, rep), train_iter)
+            log.info("resumed from step %d", int(state.step))
+        else:
+            state, monitor = jax.device_put((state, monitor), rep)
+        train_step = make_train_step(model, tx, lr_fn)
 
-    placed = jax.device_put(state, sharding.replicated(mesh))
-    step_fn = sharding.shard_train_step(make_train_step(model, tx, lr_fn), mesh, placed)
-    state = placed
+        def loop_step(state, monitor, batch):
+            state, metrics = train_step(state, batch)
+            return state, monitor_lib.accumulate(monitor, metrics, state.step)
 
-    writer = MetricsWriter(workdir)
-    start = int(state.step)
-    num_steps = int(config.train.num_steps)
-    end = num_steps if stop_after_steps is None else min(num_steps, start + stop_after_steps)
-    progress = writer.progress(start, num_steps)
-    t_last, imgs = time.time(), 0
-    history = writer.read_history()
-    for step in range(start, end):
-        batch = next(train_iter)
-        state, metrics = step_fn(state, put_batch(batch, mesh))
-        m = _to_host_metrics(metrics)
-        bad = [k for k in ("loss",) + LOSS_NAMES if not math.isfinite(m[k])]
-        if bad:
+        step_fn = sharding.shard_carry_step(loop_step, mesh, state, monitor)
+        reset_window = jax.jit(monitor_lib.reset_window, donate_argnums=0, out_shardings=rep)
+
+        start = int(state.step)
+        num_steps = int(config.train.num_steps)
+        end = num_steps if stop_after_steps is None else min(num_steps, start + stop_after_steps)
+        writer = MetricsWriter(workdir, enabled=is_writer, resumed_from=start if resuming else None)
+        history = writer.read_history()
+        progress = Progress(start, num_steps, enabled=is_writer)
+        t = config.train
+        guard = str(t.transfer_guard)
+        t_window, steps_in_window = time.perf_counter(), 0
+        for step in range(start, end):
+            done = step + 1
+            with jax.transfer_guard_device_to_host(guard):  # no device-to-host transfer from here...
+                batch = next(train_iter)
+                state, monitor = step_fn(state, monitor, batch)
+                progress.advance(done)
+            steps_in_window += 1  # ...to here: the step runs while the loop goes on
+            log_now = done % t.log_every == 0 or done == end
+            checkpoint_now = done % t.checkpoint_every == 0 or done == end
+            eval_now = bool(t.eval_every) and done % t.eval_every == 0 and done != num_steps
+            if not (log_now or checkpoint_now or eval_now):
+                continue
+            host = jax.device_get(monitor)  # the one sync: waits for this step
+            message = monitor_lib.divergence_message(host)
+            if message:
+                raise TrainingDiverged(
+                    f"{message} (last good checkpoint: step {ckpt.latest_step()}; it is left intact)"
+                )
+            if log_now:
+                metrics = monitor_lib.window_means(host)
+                dt = time.perf_counter() - t_window
+                metrics["images_per_sec"] = steps_in_window * config.data.batch_size / dt if dt > 0 else 0.0
+                writer.write(done, metrics)
+                history.append({"step": done, **metrics})
+                progress.show(metrics)
+                monitor = reset_window(monitor)
+            if eval_now:  # before the save: a kill between the two re-runs this evaluation
+                result = evaluate_model(model, state, val_source, config, progress=False)
+                writer.write(done, {f"eval/{k}": v for k, v in result.stats.items()})
+            if checkpoint_now:
+                ckpt.save(done, state, monitor, train_iter, meta)
+            if log_now or eval_now:
+                t_window, steps_in_window = time.perf_counter(), 0
+        progress.close()
+        ckpt.wait()
+        if end < num_steps:
+            return {}
+
+        result = evaluate_model(model, state, val_source, config)
+        writer.write(num_steps, {f"eval/{k}": v for k, v in result.stats.items()})
+        final = result.metrics()
+        if is_writer:
+            (workdir / "eval_final.json").write_text(json.dumps(final, indent=1))
+            print(result.summary)
+            plot_losses(history, workdir / "loss_curve.png")
+            if t.visualize:  # process 0 alone: on its host copy of the (replicated) parameters
+                variables = {"params": state.params, "frozen": state.frozen}
+                variables = jax.device_get(variables) if multi_process else variables
+                predictions_png(model_cfg, variables, val_source, config, workdir / "detections.png", meta["class_names"])
+        return final
+    finally:
+        if progress is not None:
+            progress.close()  # before any error is printed: the bar's line is finished first
+        with contextlib.suppress(Exception):
+            train_iter.close()
+        ckpt.wait()  # the last save is committed before we return or raise
+        ckpt.close()
+        if writer is not None:
             writer.close()
-            raise TrainingDiverged(
-                f"non-finite loss at step {step + 1}: {', '.join(f'{k}={m[k]}' for k in bad)} "
-                f"(last good checkpoint: step {mngr.latest_step()}; it is left intact)"
-            )
-        imgs += config.data.batch_size
-        done = step + 1
-        progress.update(done, m)
-        if done % config.train.log_every == 0 or done == end:
-            dt = time.time() - t_last
-            m["images_per_sec"] = imgs / dt if dt > 0 else 0.0
-            writer.write(done, m)
-            history.append({"step": done, **m})
-            t_last, imgs = time.time(), 0
-        if done % config.train.checkpoint_every == 0 or done == end:
-            checkpointing.save(mngr, done, state, train_iter.get_state(), meta)
-        if config.train.eval_every and done % config.train.eval_every == 0 and done != num_steps:
-            result = evaluate_model(model, state, val_source, config)
-            writer.write(done, {f"eval/{k}": v for k, v in result.stats.items()})
-    progress.close()
-    if end < num_steps:
-        writer.close()
-        return {}
-
-    result = evaluate_model(model, state, val_source, config)
-    writer.write(num_steps, {f"eval/{k}": v for k, v in result.stats.items()})
-    final = result.metrics()
-    (workdir / "eval_final.json").write_text(json.dumps(final, indent=1))
-    print(result.summary)
-    plot_losses(history, workdir / "loss_curve.png")
-    if config.train.visualize:
-        predictions_png(model_cfg, state, val_source, config, workdir / "detections.png", meta["class_names"])
-    writer.close()
-    return final

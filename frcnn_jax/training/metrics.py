@@ -1,4 +1,8 @@
-"""Training metrics: WORKDIR/metrics.jsonl, TensorBoard events, a progress bar, a loss plot."""
+"""Training metrics: WORKDIR/metrics.jsonl, TensorBoard events, a progress bar, a loss plot.
+
+In a multi-process run only process 0 writes (`enabled=False` elsewhere): every row of
+metrics.jsonl and every TensorBoard scalar appears once.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +14,27 @@ from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
-SHOWN = ("loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "lr")
 
 
 class Progress:
-    """tqdm bar: step / total, ETA, images/s and the latest losses and learning rate."""
+    """tqdm bar: step / total, ETA, images/s and the latest logged losses and learning rate.
 
-    def __init__(self, start: int, total: int, batch_size: int | None = None):
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    `advance(step)` costs no device sync (the loop calls it every step); `show(metrics)`
+    updates the figures at log steps. Disabled, it prints nothing.
+    """
+
+    def __init__(self, start: int, total: int, enabled: bool = True):
+        self.bar = tqdm(
+            total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+            mininterval=1.0, disable=not enabled,
+        )  # fmt: skip
         self.step = start
 
-    def update(self, step: int, metrics: dict):
+    def advance(self, step: int):
         self.bar.update(step - self.step)
         self.step = step
+
+    def show(self, metrics: dict):
         short = {"loss": "loss", "loss_objectness": "obj", "loss_rpn_box_reg": "rpn_box", "loss_classifier": "cls", "loss_box_reg": "box"}
         post = {v: f"{metrics[k]:.3f}" for k, v in short.items() if k in metrics}
         if "lr" in metrics:
@@ -36,25 +48,42 @@ class Progress:
 
 
 class MetricsWriter:
-    """Appends {"step", ...} lines to metrics.jsonl and scalars to TensorBoard (tensorboardX)."""
+    """Appends {"step", ...} lines to metrics.jsonl and scalars to TensorBoard (tensorboardX).
 
-    def __init__(self, workdir):
+    resumed_from: the step a resumed run restarts from. Rows an interrupted run logged
+    after that step are dropped from metrics.jsonl (the resumed run logs them again, with
+    the same values) and TensorBoard is told to purge its events after that step, so each
+    step appears once. enabled=False: writes nothing (processes other than 0).
+    """
+
+    def __init__(self, workdir, *, enabled: bool = True, resumed_from: int | None = None):
         self.workdir = pathlib.Path(workdir)
         self.path = self.workdir / METRICS_FILE
+        self.enabled = enabled
+        self._purge_step = None if resumed_from is None else resumed_from + 1  # TensorBoard drops steps >= this
         self._tb = None
+        if enabled and resumed_from is not None:
+            self._truncate_after(resumed_from)
+
+    def _truncate_after(self, step: int):
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if _row_step(line) is not None and _row_step(line) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     @property
     def tb(self):
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / TB_DIR))
+            self._tb = SummaryWriter(str(self.workdir / TB_DIR), purge_step=self._purge_step)
         return self._tb
 
-    def progress(self, start: int, total: int) -> Progress:
-        return Progress(start, total)
-
     def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
         for k, v in metrics.items():
@@ -81,15 +110,22 @@ class MetricsWriter:
             self._tb = None
 
 
-def plot_losses(history: list[dict], path):
-    """loss_curve.png: total and the four named losses against the step."""
-    import matplotlib
+def _row_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # a line cut by an interruption
+        return None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_losses(history: list[dict], path):
+    """loss_curve.png: total and the four named losses against the step (matplotlib's object API)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = sorted({r["step"]: r for r in history}.values(), key=lambda r: r["step"])
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for key in ("loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
@@ -103,4 +139,3 @@ def plot_losses(history: list[dict], path):
     ax.set_title("training losses")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

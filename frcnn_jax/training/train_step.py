@@ -29,6 +29,9 @@ from frcnn_jax.training.optim import OptimConfig, make_optimizer
 from frcnn_jax.training.targets import box_head_targets, rpn_targets
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+STAT_NAMES = ("rpn_positives", "roi_foreground", "proposals")  # sampling statistics, per-image means
+# Every metric of a step made with a learning-rate schedule (`make_train_step(..., learning_rate)`).
+METRIC_NAMES = ("loss",) + LOSS_NAMES + STAT_NAMES + ("grad_norm", "lr")
 
 
 @flax.struct.dataclass

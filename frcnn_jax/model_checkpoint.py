@@ -1,13 +1,14 @@
-"""Model checkpoints: variables (orbax) + model config and metadata (JSON).
+"""The exported-model format: variables (orbax) + model config and metadata (JSON).
 
-A model checkpoint is a directory:
+A model checkpoint is a directory (what `python -m frcnn_jax.convert` writes, and what
+`Detector.from_checkpoint`, `eval.py` and `predict` read):
 
     DIR/model.json     {"format": ..., "model": ModelConfig fields, "metadata": {...}}
     DIR/variables/     orbax checkpoint of {"params": ..., "frozen": ...}
 
-`python -m frcnn_jax.convert` writes one from a torchvision state dict; training
-checkpoints (see `frcnn_jax.training.checkpointing`) hold the same variables plus the
-optimiser and data state, and `load_model` reads either.
+A training run's work directory is the other on-disk format (`frcnn_jax.run_checkpoint`):
+its checkpoints hold the same variables plus the optimiser and input-iterator state.
+`load_model` reads either.
 
 Metadata keys used by the project: `class_names` (list, index = label, entry 0
 "__background__"), `label_to_category_id` (dict str(label) -> dataset category id, for
@@ -27,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from frcnn_jax import run_checkpoint
 from frcnn_jax.modeling.config import ModelConfig
 
 MODEL_FORMAT = "frcnn_jax.model/1"
@@ -92,16 +94,14 @@ def read_model_json(directory) -> dict[str, Any]:
 def load_model(directory) -> tuple[ModelConfig | None, dict, dict]:
     """Reads a model checkpoint -> (ModelConfig or None, variables, metadata).
 
-    Training work directories are accepted too (their latest checkpoint is read), see
-    `frcnn_jax.training.checkpointing.load_model_from_workdir`.
+    A training work directory is accepted too (its latest checkpoint is read, see
+    `frcnn_jax.run_checkpoint.load_model`).
     """
     directory = pathlib.Path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"checkpoint {directory} does not exist")
     if not is_model_checkpoint(directory):
-        from frcnn_jax.training import checkpointing  # a training run's work directory
-
-        return checkpointing.load_model_from_workdir(directory)
+        return run_checkpoint.load_model(directory)
     doc = read_model_json(directory)
     variables = ocp.StandardCheckpointer().restore(directory.absolute() / VARIABLES_DIR)
     cfg = None if doc["model"] is None else ModelConfig.from_dict(doc["model"])
