@@ -4,9 +4,11 @@
 
 With no --config, trains the default small R-18-FPN on the built-in shapes dataset
 (no downloads). Rerunning the same command resumes from the latest checkpoint in DIR
-and continues exactly as an uninterrupted run would. Multi-host: pass
---coordinator_address, --num_processes and --process_id (or set JAX's environment)
-and run the same command on every host.
+and continues exactly as an uninterrupted run would, whenever the previous run was
+stopped (even by kill -9 during a save). SIGTERM or Ctrl-C stops a single-process run
+cleanly: the running step is finished and checkpointed, and the exit status is 128 +
+the signal number. Multi-host: pass --coordinator_address, --num_processes and
+--process_id (or set JAX's environment) and run the same command on every host.
 
 Writes into DIR: checkpoints/, config.json, metrics.jsonl, tensorboard/,
 loss_curve.png, eval_final.json (COCO box AP, AR) and detections.png.
@@ -47,10 +49,13 @@ def main(argv):
     compilation_cache.enable()
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from frcnn_jax.training.loop import TrainingDiverged, train_and_evaluate
+    from frcnn_jax.training.loop import TrainingDiverged, TrainingInterrupted, train_and_evaluate
 
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

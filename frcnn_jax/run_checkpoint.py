@@ -175,7 +175,15 @@ def load_model(workdir) -> tuple[ModelConfig, dict, dict]:
         raise FileNotFoundError(f"{path}: no checkpoint saved yet in {path / CHECKPOINT_DIR}")
     if step not in mngr.all_steps():
         raise FileNotFoundError(f"{path / CHECKPOINT_DIR / str(step)}: no such checkpoint step")
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    # Onto this process's first device, whatever devices wrote it (another process count,
+    # an accelerator), then to host numpy arrays.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = ocp.StandardCheckpointHandler().metadata(path / CHECKPOINT_DIR / str(step) / "state")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved.tree)
+    out = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    )
+    out = {"state": jax.device_get(out["state"]), "meta": out["meta"]}
     state = out["state"]
     meta = dict(out["meta"])
     meta.pop("format", None)

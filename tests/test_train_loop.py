@@ -45,7 +45,10 @@ def test_train_outputs_and_exact_resume(tmp_path):
     assert list((a / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (a / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
 
-    # Interrupted after 3 steps (checkpoint at 2 and at the stop), then the same call again.
+    # Interrupted after 3 steps (checkpoint at 2 and at the stop), then the same call again;
+    # with other prefetch and checkpoint settings, which must not change any number.
+    config.train.prefetch = 3
+    config.train.async_checkpoint = False
     b = tmp_path / "b"
     assert train_and_evaluate(config, b, stop_after_steps=3) == {}
     assert not (b / "eval_final.json").exists()

@@ -34,17 +34,20 @@ import contextlib
 import json
 import logging
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+import orbax.checkpoint as ocp
 
 from frcnn_jax import model_checkpoint, run_checkpoint
 from frcnn_jax.data import builder as data_lib
 from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
+from frcnn_jax.evaluation.report import write_detections_json
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 from frcnn_jax.training import monitor as monitor_lib
@@ -62,6 +65,35 @@ TRANSFER_GUARDS = ("allow", "log", "disallow")
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the message names the step and the loss term."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped a single-process run after checkpointing its current step."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool):
+    """While active, SIGTERM / SIGINT only record a request (read it with `requested()`).
+
+    The loop then finishes the running step, saves it and stops: a clean exit that a
+    rerun resumes from that very step. Only in a single-process run's main thread
+    (processes of a multi-process run would have to agree on the step; they keep the
+    default handlers and resume from the last periodic checkpoint).
+    """
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, OptimConfig]:
@@ -131,6 +163,12 @@ def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool
 
 
 
+def _barrier(name: str, timeout_s: int = 1800):
+    """Multi-process: waits until every process is here (through the coordination service, no collective)."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"frcnn_jax:{name}", timeout=timeout_s, processes=set(range(jax.process_count())))
+
+
 def _run_meta(train_source, config) -> dict:
     """What a checkpoint records beside the weights, for inference from the work directory."""
     return {
@@ -152,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
     Args:
       config: a config from `configs/` (see configs/common.py for the fields).
       workdir: output directory: checkpoints, metrics.jsonl, TensorBoard events,
-        loss_curve.png, eval_final.json, detections.png.
+        loss_curve.png, eval_final.json, eval_detections.json, detections.png.
       stop_after_steps: stop (as if interrupted) after this many steps of this call,
         after checkpointing; the next call resumes. None runs to train.num_steps.
     Returns:
@@ -198,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
     train_iter = DevicePrefetcher(host_iter, lambda batch: place(batch, mesh), depth=int(config.train.prefetch))
     meta = _run_meta(train_source, config)
     writer = progress = None
+    stack = contextlib.ExitStack()
     try:
         if resuming:
             state, monitor, _ = ckpt.restore(_abstract(state, rep), _abstract(monitor, rep), train_iter)
@@ -211,26 +250,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
             return state, monitor_lib.accumulate(monitor, metrics, state.step)
 
         step_fn = sharding.shard_carry_step(loop_step, mesh, state, monitor)
+        first_batch = None
+        if multi_process:
+            # Compile first, then meet: the first step's cross-process collectives (gloo on
+            # CPU) give up when processes arrive more than ~30 s apart, and compile times differ.
+            first_batch = next(train_iter)
+            step_fn = step_fn.lower(state, monitor, first_batch).compile()  # one canvas: one shape
+            _barrier("train_step_compiled")
         reset_window = jax.jit(monitor_lib.reset_window, donate_argnums=0, out_shardings=rep)
 
         start = int(state.step)
         num_steps = int(config.train.num_steps)
         end = num_steps if stop_after_steps is None else min(num_steps, start + stop_after_steps)
-        writer = MetricsWriter(workdir, enabled=is_writer, resumed_from=start if resuming else None)
+        writer = MetricsWriter(workdir, enabled=is_writer, resumed_from=start)  # also 0: a run killed before its first checkpoint
         history = writer.read_history()
         progress = Progress(start, num_steps, enabled=is_writer)
         t = config.train
         guard = str(t.transfer_guard)
         t_window, steps_in_window = time.perf_counter(), 0
+        stop_requested = stack.enter_context(_stop_requests(not multi_process))
         for step in range(start, end):
             done = step + 1
             with jax.transfer_guard_device_to_host(guard):  # no device-to-host transfer from here...
-                batch = next(train_iter)
+                batch, first_batch = (next(train_iter) if first_batch is None else first_batch), None
                 state, monitor = step_fn(state, monitor, batch)
                 progress.advance(done)
             steps_in_window += 1  # ...to here: the step runs while the loop goes on
-            log_now = done % t.log_every == 0 or done == end
-            checkpoint_now = done % t.checkpoint_every == 0 or done == end
+            interrupted = stop_requested()
+            log_now = done % t.log_every == 0 or done == end or bool(interrupted)
+            checkpoint_now = done % t.checkpoint_every == 0 or done == end or bool(interrupted)
             eval_now = bool(t.eval_every) and done % t.eval_every == 0 and done != num_steps
             if not (log_now or checkpoint_now or eval_now):
                 continue
@@ -249,22 +297,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
                 progress.show(metrics)
                 monitor = reset_window(monitor)
             if eval_now:  # before the save: a kill between the two re-runs this evaluation
+                _barrier(f"evaluation_{done}")
                 result = evaluate_model(model, state, val_source, config, progress=False)
                 writer.write(done, {f"eval/{k}": v for k, v in result.stats.items()})
             if checkpoint_now:
                 ckpt.save(done, state, monitor, train_iter, meta)
             if log_now or eval_now:
                 t_window, steps_in_window = time.perf_counter(), 0
+            if interrupted:
+                ckpt.wait()
+                raise TrainingInterrupted(
+                    f"stopped by {signal.Signals(interrupted).name} after step {done}; its checkpoint is saved: "
+                    "rerun the same command to resume",
+                    interrupted,
+                )
         progress.close()
         ckpt.wait()
         if end < num_steps:
             return {}
 
+        _barrier("final_evaluation")
         result = evaluate_model(model, state, val_source, config)
         writer.write(num_steps, {f"eval/{k}": v for k, v in result.stats.items()})
         final = result.metrics()
         if is_writer:
             (workdir / "eval_final.json").write_text(json.dumps(final, indent=1))
+            write_detections_json(workdir / "eval_detections.json", result.detections)  # COCO results format
             print(result.summary)
             plot_losses(history, workdir / "loss_curve.png")
             if t.visualize:  # process 0 alone: on its host copy of the (replicated) parameters
@@ -281,3 +339,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
         ckpt.close()
         if writer is not None:
             writer.close()
+        stack.close()

@@ -50,10 +50,12 @@ class Progress:
 class MetricsWriter:
     """Appends {"step", ...} lines to metrics.jsonl and scalars to TensorBoard (tensorboardX).
 
-    resumed_from: the step a resumed run restarts from. Rows an interrupted run logged
-    after that step are dropped from metrics.jsonl (the resumed run logs them again, with
-    the same values) and TensorBoard is told to purge its events after that step, so each
-    step appears once. enabled=False: writes nothing (processes other than 0).
+    resumed_from: the step the run (re)starts from: its restored checkpoint's, or 0 for a
+    run without one (which may follow a run killed before its first checkpoint). Rows an
+    interrupted run logged after that step are dropped from metrics.jsonl (the resumed run
+    logs them again, with the same values) and TensorBoard is told to purge its events
+    after that step, so each step appears once. enabled=False: writes nothing (processes
+    other than 0).
     """
 
     def __init__(self, workdir, *, enabled: bool = True, resumed_from: int | None = None):
