@@ -11,7 +11,8 @@ the signal number. Multi-host: pass --coordinator_address, --num_processes and
 --process_id (or set JAX's environment) and run the same command on every host.
 
 Writes into DIR: checkpoints/, config.json, metrics.jsonl, tensorboard/,
-loss_curve.png, eval_final.json (COCO box AP, AR) and detections.png.
+loss_curve.png, eval_final.json (COCO box AP, AR), eval_detections.json (the final
+evaluation's detections, COCO results format) and detections.png.
 """
 
 from __future__ import annotations

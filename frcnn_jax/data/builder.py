@@ -9,6 +9,7 @@ The only place where config fields become pipeline arguments.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -70,9 +71,7 @@ def resolve_num_workers(value, *, backend: str, cpu_count: int) -> int:
 
 
 def _num_workers(data) -> int:
-    import os
-
-    import jax
+    import jax  # only here: the rest of the data package does not need JAX
 
     return resolve_num_workers(data.num_workers, backend=jax.default_backend(), cpu_count=os.cpu_count() or 1)
 

@@ -262,7 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
         start = int(state.step)
         num_steps = int(config.train.num_steps)
         end = num_steps if stop_after_steps is None else min(num_steps, start + stop_after_steps)
-        writer = MetricsWriter(workdir, enabled=is_writer, resumed_from=start)  # also 0: a run killed before its first checkpoint
+        # resumed_from is 0 without a checkpoint too: a run killed before its first one left rows behind
+        writer = MetricsWriter(workdir, enabled=is_writer, resumed_from=start)
         history = writer.read_history()
         progress = Progress(start, num_steps, enabled=is_writer)
         t = config.train
@@ -272,7 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
         for step in range(start, end):
             done = step + 1
             with jax.transfer_guard_device_to_host(guard):  # no device-to-host transfer from here...
-                batch, first_batch = (next(train_iter) if first_batch is None else first_batch), None
+                batch = next(train_iter) if first_batch is None else first_batch
+                first_batch = None
                 state, monitor = step_fn(state, monitor, batch)
                 progress.advance(done)
             steps_in_window += 1  # ...to here: the step runs while the loop goes on

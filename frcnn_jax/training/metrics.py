@@ -70,7 +70,7 @@ class MetricsWriter:
     def _truncate_after(self, step: int):
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _row_step(line) is not None and _row_step(line) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if (_row_step(line) or 0) in range(1, step + 1)]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
