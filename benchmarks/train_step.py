@@ -1,6 +1,7 @@
 """Training-step speed: frcnn_jax vs torchvision on CPU, same architecture and batch, same run.
 
     python benchmarks/train_step.py [--models c4,fpn,small] [--repeats 3]
+    python benchmarks/train_step.py --remat none,backbone,all [--cpu-scheduler default,memory]
 
 Models: R-50-C4 (the slides' model) and R-50-FPN (torchvision v1) on 800x1066 images
 (canvas 800x1088), batch 2; "small": R-18-FPN (torchvision's resnet18 layout, 64-wide
@@ -8,7 +9,19 @@ stem) on 128x128 images, batch 8. Each framework runs in its own child process (
 memory is per framework): forward, the four losses, backward and an SGD update, with
 the same sampling sizes (RPN 256 anchors, box head 512 ROIs per image; small: 128 and 64)
 and frozen batch norm on both sides. Reported: median seconds per step (compile
-excluded), images/s, JAX compile time, peak resident memory.
+excluded), images/s, JAX compile time, peak resident memory. The parent process draws the
+batch (torch_reference needs torch) and hands it to both children in a file, so the JAX
+child never imports torch (whose import alone is ~0.6 GB of resident memory).
+
+`--remat` compares `ModelConfig.remat` settings (default model: "fpn1344", R-50-FPN on
+800x1333 images, canvas 800x1344, batch 2) in one table beside torch's same step: median
+step time and peak resident memory, each also as a ratio to JAX "none" (first setting,
+first scheduler) and to torch, plus XLA's temp-buffer size (`memory_analysis`). Each
+setting x `--cpu-scheduler` is its own JAX child: "default" is XLA:CPU's
+concurrency-optimised schedule, "memory" compiles the step with
+`xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED` (a per-compile option).
+`--malloc-trim`: the JAX child calls glibc's `malloc_trim(0)` after compiling, returning
+the heap XLA's compiler freed (~1.2 GB for R-50-FPN, otherwise still resident) to the OS.
 
 On a GPU machine, `--device gpu` times the JAX side only (bfloat16 and float32, larger
 batches) for comparison with Detectron2's published per-GPU figures.
@@ -23,6 +36,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -33,10 +47,13 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from _timing import machine_line, print_table  # noqa: E402
 
+from frcnn_jax.training.host_memory import CPU_SCHEDULERS, release_freed_heap  # noqa: E402
+
 SPECS = {
     # name: (arch, depth, image hw, canvas hw, batch, rpn per image, rois per image)
     "c4": ("c4", 50, (800, 1066), (800, 1088), 2, 256, 512),
     "fpn": ("fpn", 50, (800, 1066), (800, 1088), 2, 256, 512),
+    "fpn1344": ("fpn", 50, (800, 1333), (800, 1344), 2, 256, 512),  # the widest COCO canvas (--remat)
     "small": ("fpn", 18, (128, 128), (128, 128), 8, 128, 64),
 }
 
@@ -58,7 +75,31 @@ def make_batch(spec, seed=0):
     return images, boxes, labels
 
 
-def child_torch(name, spec, repeats, threads):
+def save_batch(path, spec):
+    """`make_batch(spec)` into an .npz (boxes and labels padded, with their counts)."""
+    images, boxes, labels = make_batch(spec)
+    g = max(len(b) for b in boxes)
+    np.savez(
+        path,
+        images=np.stack(images),
+        boxes=np.stack([np.pad(b, ((0, g - len(b)), (0, 0))) for b in boxes]),
+        labels=np.stack([np.pad(lb, (0, g - len(lb))) for lb in labels]),
+        counts=np.array([len(b) for b in boxes]),
+    )
+
+
+def load_batch(path):
+    """(images, boxes, labels) lists as `make_batch` returns them, from `save_batch`'s file."""
+    f = np.load(path)
+    counts = f["counts"]
+    return list(f["images"]), [b[:n] for b, n in zip(f["boxes"], counts)], [lb[:n] for lb, n in zip(f["labels"], counts)]
+
+
+# `--cpu-scheduler` name -> XLA compile options of the JAX step (the loop's `train.xla_cpu_scheduler`).
+SCHEDULERS = tuple(CPU_SCHEDULERS)
+
+
+def child_torch(name, spec, repeats, threads, batch_file):
     import torch
     import torchvision
     from torchvision.models.detection import FasterRCNN
@@ -80,7 +121,7 @@ def child_torch(name, spec, repeats, threads):
             _resnet_fpn_extractor(resnet, 5), num_classes=81, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=128, **kw
         )
     model.train()
-    images, boxes, labels = make_batch(spec)
+    images, boxes, labels = load_batch(batch_file)
     imgs = [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in images]
     targets = [{"boxes": torch.from_numpy(bx), "labels": torch.from_numpy(lb)} for bx, lb in zip(boxes, labels)]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -103,7 +144,7 @@ def child_torch(name, spec, repeats, threads):
     return {"step_s": statistics.median(times), "compile_s": 0.0}
 
 
-def child_jax(name, spec, repeats, dtype="float32"):
+def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", scheduler="default", malloc_trim=False):
     import jax
 
     from frcnn_jax.data import transforms
@@ -114,6 +155,7 @@ def child_jax(name, spec, repeats, dtype="float32"):
 
     arch, depth, (h, w), canvas, b, rpn_n, roi_n = spec
     kw = dict(arch=arch, depth=depth, num_classes=81, rpn_batch_size_per_image=rpn_n, box_batch_size_per_image=roi_n, dtype=dtype)
+    kw.update(remat=remat)
     if arch == "fpn":
         kw.update(pooler_resolution=7, pooler_sampling_ratio=2, rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000)
     if name == "small":
@@ -124,7 +166,7 @@ def child_jax(name, spec, repeats, dtype="float32"):
     ocfg = OptimConfig(base_lr=1e-3, warmup_steps=0)
     state, tx = create_train_state(model, variables, ocfg, 0)
     step = jax.jit(make_train_step(model, tx, learning_rate_schedule(ocfg)), donate_argnums=0)
-    images, boxes, labels = make_batch(spec)
+    images, boxes, labels = load_batch(batch_file)
     g = 16
     batch = {
         "image": np.stack([transforms.pad_to_canvas(transforms.normalize(im.astype(np.float32)), canvas) for im in images]),
@@ -135,8 +177,11 @@ def child_jax(name, spec, repeats, dtype="float32"):
         "is_crowd": np.zeros((b, g), bool),
     }
     t0 = time.perf_counter()
-    step = step.lower(state, batch).compile()
+    step = step.lower(state, batch).compile(CPU_SCHEDULERS[scheduler] or None)
     compile_s = time.perf_counter() - t0
+    temp_gb = step.memory_analysis().temp_size_in_bytes / 2**30
+    if malloc_trim:
+        release_freed_heap()
     state, m = step(state, batch)
     jax.block_until_ready(m)
     times = []
@@ -145,12 +190,61 @@ def child_jax(name, spec, repeats, dtype="float32"):
         state, m = step(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "compile_s": compile_s, "device": str(jax.devices()[0].device_kind)}
+    device = str(jax.devices()[0].device_kind)
+    return {"step_s": statistics.median(times), "compile_s": compile_s, "temp_gb": temp_gb, "device": device}
+
+
+def run_child(fw, name, args, batch_file, dtype="float32", remat="none", scheduler="default"):
+    """Runs one framework's step in a child process; its result dict (with peak_mb)."""
+    cmd = [sys.executable, __file__, "--child", fw, "--name", name, "--repeats", str(args.repeats),
+           "--threads", str(args.threads), "--dtype", dtype, "--batch", str(args.batch), "--batch-file", batch_file,
+           "--remat", remat, "--cpu-scheduler", scheduler] + (["--malloc-trim"] if args.malloc_trim else [])  # fmt: skip
+    env = dict(os.environ)
+    if args.device == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"{fw} {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def remat_table(args, settings, schedulers, tmp):
+    """Table rows: torch, then JAX for each remat setting x CPU scheduler, per `--models` entry.
+
+    Ratios are against torch's row and against JAX "none" with the first scheduler.
+    """
+    rows = []
+    for name in args.models.split(","):
+        spec = list(SPECS[name])
+        if args.batch:
+            spec[4] = args.batch
+        batch_file = os.path.join(tmp, f"{name}.npz")
+        save_batch(batch_file, spec)
+        t = run_child("torch", name, args, batch_file)
+        print(f"done {name} torch", file=sys.stderr)
+        label = f"R-{spec[1]}-{spec[0].upper()} {spec[2][0]}x{spec[2][1]} (canvas {spec[3][0]}x{spec[3][1]})"
+        rows.append([label, spec[4], "torchvision", "-", f"{t['step_s']:.2f}", "-", "1.00x",
+                     f"{t['peak_mb'] / 1024:.2f}", "-", "1.00x", "-", "-"])  # fmt: skip
+        res = {}
+        for scheduler in schedulers:
+            for remat in settings:
+                res[remat, scheduler] = run_child("jax", name, args, batch_file, remat=remat, scheduler=scheduler)
+                print(f"done {name} jax {remat} {scheduler}", file=sys.stderr)
+        base = res.get(("none", schedulers[0]), next(iter(res.values())))  # the ratios' "JAX none"
+        for (remat, scheduler), j in res.items():
+            rows.append([label, spec[4], f"JAX remat={remat}", scheduler, f"{j['step_s']:.2f}",
+                         f"{j['step_s'] / base['step_s']:.2f}x", f"{j['step_s'] / t['step_s']:.2f}x",
+                         f"{j['peak_mb'] / 1024:.2f}", f"{j['peak_mb'] / base['peak_mb']:.2f}x",
+                         f"{j['peak_mb'] / t['peak_mb']:.2f}x", f"{j['temp_gb']:.2f}", f"{j['compile_s']:.0f}"])  # fmt: skip
+    return rows
+
+
+DEFAULT_MODELS = "c4,fpn,small"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="c4,fpn,small")
+    p.add_argument("--models", help=f"comma-separated, of {list(SPECS)} (default {DEFAULT_MODELS}; with --remat fpn1344)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: JAX only, on the default backend")
@@ -158,33 +252,70 @@ def main(argv=None):
     p.add_argument("--name", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=0, help="override the batch size (e.g. 8+ on a GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--remat", default="", help="comma-separated ModelConfig.remat settings, e.g. none,backbone,all")
+    p.add_argument("--cpu-scheduler", default="default", help=f"with --remat: comma-separated, of {list(SCHEDULERS)}")
+    p.add_argument("--malloc-trim", action="store_true", help="JAX: malloc_trim(0) after compiling (see above)")
+    p.add_argument("--batch-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         spec = list(SPECS[args.name])
         if args.batch:
             spec[4] = args.batch
-        res = child_torch(args.name, spec, args.repeats, args.threads) if args.child == "torch" else child_jax(args.name, spec, args.repeats, args.dtype)
+        if args.child == "torch":
+            res = child_torch(args.name, spec, args.repeats, args.threads, args.batch_file)
+        else:
+            remat = args.remat or "none"
+            res = child_jax(
+                args.name, spec, args.repeats, args.batch_file, args.dtype, remat, args.cpu_scheduler, args.malloc_trim
+            )
         res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.remat:
+            remat_main(args, tmp)
+        else:
+            default_main(args, tmp)
+
+
+def remat_main(args, tmp):
+    import torch
+    import torchvision
+
+    if args.device != "cpu":
+        sys.exit("--remat compares with torch on CPU (use --device cpu)")
+    args.models = args.models or "fpn1344"
+    settings, schedulers = args.remat.split(","), args.cpu_scheduler.split(",")
+    unknown = sorted(set(schedulers) - set(SCHEDULERS))
+    if unknown:
+        sys.exit(f"--cpu-scheduler: unknown {unknown}; valid: {list(SCHEDULERS)}")
+    rows = remat_table(args, settings, schedulers, tmp)
+    print_table(
+        f"Training step (forward, 4 losses, backward, SGD) by ModelConfig.remat, CPU, {args.threads} threads"
+        f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}; "
+        f"torchvision {torchvision.__version__} (torch {torch.__version__}); {machine_line()}; {time.strftime('%Y-%m-%d')}",
+        ["model", "batch", "framework", "XLA CPU scheduler", "s/step", "vs JAX none", "vs torch", "peak GB",
+         "vs JAX none", "vs torch", "XLA temp GB", "JAX compile s"],  # fmt: skip
+        rows,
+    )
+
+
+def default_main(args, tmp):
+    args.models = args.models or DEFAULT_MODELS
     rows = []
     frameworks = ("torch", "jax") if args.device == "cpu" else ("jax",)
     dtypes = ("float32",) if args.device == "cpu" else ("float32", "bfloat16")
     for name in args.models.split(","):
+        spec = list(SPECS[name])
+        if args.batch:
+            spec[4] = args.batch
+        batch_file = os.path.join(tmp, f"{name}.npz")
+        save_batch(batch_file, spec)
         for dtype in dtypes:
-            res = {}
-            for fw in frameworks:
-                cmd = [sys.executable, __file__, "--child", fw, "--name", name, "--repeats", str(args.repeats),
-                       "--threads", str(args.threads), "--dtype", dtype, "--batch", str(args.batch)]  # fmt: skip
-                env = dict(os.environ)
-                if args.device == "cpu":
-                    env["JAX_PLATFORMS"] = "cpu"
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if out.returncode:
-                    sys.exit(f"{fw} {name} failed:\n{out.stderr[-3000:]}")
-                res[fw] = json.loads(out.stdout.strip().splitlines()[-1])
+            res = {fw: run_child(fw, name, args, batch_file, dtype) for fw in frameworks}
             b = args.batch or SPECS[name][4]
-            label = {"c4": "R-50-C4 800x1066", "fpn": "R-50-FPN 800x1066", "small": "R-18-FPN 128x128"}[name]
+            label = {"c4": "R-50-C4 800x1066", "fpn": "R-50-FPN 800x1066", "small": "R-18-FPN 128x128",
+                     "fpn1344": "R-50-FPN 800x1333"}[name]  # fmt: skip
             j = res["jax"]
             if "torch" in res:
                 t = res["torch"]
@@ -199,7 +330,8 @@ def main(argv=None):
         import torchvision
 
         print_table(
-            f"Training step (forward, 4 losses, backward, SGD), CPU, {args.threads} threads; torchvision "
+            f"Training step (forward, 4 losses, backward, SGD), CPU, {args.threads} threads"
+            f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}; torchvision "
             f"{torchvision.__version__} (torch {torch.__version__}); {machine_line()}",
             ["model", "batch", "torchvision s/step", "JAX s/step", "ratio", "torchvision img/s", "JAX img/s",
              "JAX compile s", "torch peak GB", "JAX peak GB"],  # fmt: skip

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from frcnn_jax.modeling.resnet import RESNET_SPECS, ResNetStage
+from frcnn_jax.modeling.resnet import RESNET_SPECS, ResNetStage, maybe_remat_call
 from frcnn_jax.ops import losses
 
 
@@ -15,6 +15,9 @@ class Res5Head(nn.Module):
 
     [R, S, S, C] pooled ROI features -> [R, C_out] (ResNet-50: [R, 14, 14, 1024] ->
     layer4 [R, 7, 7, 2048] -> mean over the 7x7 cells -> [R, 2048]).
+
+    `remat`: each layer4 block is a `resnet.remat_call` (keeps its input, recomputes
+    the rest in the backward pass; see `ResNetStage`).
     """
 
     depth: int = 50
@@ -23,6 +26,7 @@ class Res5Head(nn.Module):
     bn_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
     zero_init_residual: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -36,6 +40,7 @@ class Res5Head(nn.Module):
             bn_eps=self.bn_eps,
             dtype=self.dtype,
             zero_init_residual=self.zero_init_residual,
+            remat=self.remat,
             name="layer4",
         )(x.astype(self.dtype))
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -46,16 +51,22 @@ class TwoMLPHead(nn.Module):
 
     [R, 7, 7, C] -> [R, representation_size]. The flatten order is NHWC (y, x, c); the
     checkpoint converter permutes torchvision's (c, y, x) fc6 columns to match.
+
+    `remat`: fc6 and fc7 are `resnet.remat_call`s. Nothing is recomputed (a layer's
+    backward needs only its input, kept either way); the backward's work on the
+    [R, 7*7*C] input stays in the backward pass.
     """
 
     representation_size: int = 1024
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1).astype(self.dtype)
-        x = nn.relu(nn.Dense(self.representation_size, dtype=self.dtype, name="fc6")(x))
-        x = nn.relu(nn.Dense(self.representation_size, dtype=self.dtype, name="fc7")(x))
+        for name in ("fc6", "fc7"):
+            fc = nn.Dense(self.representation_size, dtype=self.dtype, name=name)
+            x = nn.relu(maybe_remat_call(fc, x, remat=self.remat))
         return x.astype(jnp.float32)
 
 

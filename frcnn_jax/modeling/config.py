@@ -13,6 +13,32 @@ from typing import Any, Mapping
 
 ARCHS = ("c4", "fpn")
 
+# Training-time rematerialisation (`ModelConfig.remat`): which parts of the network are
+# `resnet.remat_call`s, i.e. keep only their inputs for the backward pass and re-run
+# their forward there (with the re-run tied to the incoming cotangent, so that XLA can
+# neither merge it back into the forward pass nor schedule it early). Inference, the
+# parameter tree, the losses and the gradients are the same for every setting.
+#   "none":     nothing; XLA keeps every linearisation point of the forward pass.
+#   "backbone": every trained ResNet residual block (trunk, and the C4 box head's
+#               layer4) keeps only its input and recomputes its convolutions, batch
+#               norms and relus in the backward pass: one more forward of the trained
+#               stages, and per block one kept tensor instead of about four.
+#   "all":      "backbone", plus every conv of the FPN and the RPN head, and the FPN
+#               box head's fc6/fc7, as their own `remat_call`. A layer's backward needs
+#               only its input, kept either way, so these recompute nothing; they keep
+#               the backward's copies of their inputs (the tap copies of conv.py's CPU
+#               kernel gradient: 9 x [256, N*H*W] floats per P2 3x3 conv, the
+#               transposes of 1x1 kernel gradients) out of the forward pass, where
+#               XLA:CPU's default scheduler puts them and they stay live until used.
+# On XLA:CPU the memory saved also depends on the schedule: the default
+# (concurrency-optimised) one starts independent work early and keeps it live; see
+# `benchmarks/train_step.py --remat ... --cpu-scheduler default,memory`.
+REMAT_PARTS = {
+    "none": (),
+    "backbone": ("resnet",),
+    "all": ("resnet", "fpn", "rpn_head", "box_head"),
+}
+
 
 def dataclass_from_mapping(cls, values: Mapping[str, Any], section: str):
     """`cls(**values)` for a frozen config dataclass; unknown keys raise ValueError naming them.
@@ -82,6 +108,7 @@ class ModelConfig:
     box_min_size: float = 1e-2
 
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
+    remat: str = "none"  # training memory/time trade-off: "none" | "backbone" | "all" (see REMAT_PARTS)
 
     def __post_init__(self):
         object.__setattr__(self, "anchor_sizes", tuple(float(s) for s in self.anchor_sizes))
@@ -99,6 +126,10 @@ class ModelConfig:
     def feature_strides(self) -> tuple[int, ...]:
         """Strides of the RPN feature levels (C4: (16,); FPN: (4, 8, 16, 32, 64))."""
         return (16,) if self.arch == "c4" else (4, 8, 16, 32, 64)
+
+    def remats(self, part: str) -> bool:
+        """Whether `part` ("resnet", "fpn", "rpn_head", "box_head") is rematerialised (`resnet.remat_call`)."""
+        return part in REMAT_PARTS[self.remat]
 
     def level_anchor_sizes(self) -> tuple[tuple[float, ...], ...]:
         if self.arch == "c4":
@@ -129,6 +160,8 @@ class ModelConfig:
             fail("anchor_sizes", self.anchor_sizes, "FPN needs exactly 5 sizes (one per level P2-P6)")
         if self.dtype not in ("float32", "bfloat16"):
             fail("dtype", self.dtype, "must be 'float32' or 'bfloat16'")
+        if self.remat not in REMAT_PARTS:
+            fail("remat", self.remat, f"must be one of {tuple(REMAT_PARTS)}")
         positive_ints = [
             "num_classes", "width", "fpn_channels", "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
             "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",

@@ -50,12 +50,14 @@ class Backbone(nn.Module):
             bn_eps=cfg.bn_eps,
             dtype=_dtype(cfg),
             zero_init_residual=cfg.zero_init_residual,
+            remat=cfg.remats("resnet"),
             name="body",
         )
         outs = body(images)
         if cfg.arch == "c4":
             return [outs["layer3"]]
-        return FPN(cfg.fpn_channels, dtype=_dtype(cfg), name="fpn")([outs[f"layer{i}"] for i in range(1, 5)])
+        fpn = FPN(cfg.fpn_channels, dtype=_dtype(cfg), remat=cfg.remats("fpn"), name="fpn")
+        return fpn([outs[f"layer{i}"] for i in range(1, 5)])
 
 
 class RPN(nn.Module):
@@ -64,7 +66,8 @@ class RPN(nn.Module):
     cfg: ModelConfig
 
     def setup(self):
-        self.head = RPNHead(self.cfg.num_anchors_per_location, dtype=_dtype(self.cfg))
+        cfg = self.cfg
+        self.head = RPNHead(cfg.num_anchors_per_location, dtype=_dtype(cfg), remat=cfg.remats("rpn_head"))
 
     def __call__(self, features):
         return self.head(features)
@@ -80,10 +83,10 @@ class RoIHeads(nn.Module):
         if cfg.arch == "c4":
             self.box_head = Res5Head(
                 cfg.depth, cfg.width, cfg.stride_in_1x1, cfg.bn_eps, dtype=_dtype(cfg),
-                zero_init_residual=cfg.zero_init_residual,
+                zero_init_residual=cfg.zero_init_residual, remat=cfg.remats("box_head"),
             )  # fmt: skip
         else:
-            self.box_head = TwoMLPHead(cfg.representation_size, dtype=_dtype(cfg))
+            self.box_head = TwoMLPHead(cfg.representation_size, dtype=_dtype(cfg), remat=cfg.remats("box_head"))
         self.box_predictor = FastRCNNPredictor(cfg.num_classes, dtype=_dtype(cfg))
 
     def __call__(self, pooled):

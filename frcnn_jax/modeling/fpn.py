@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frcnn_jax.modeling.conv import Conv
+from frcnn_jax.modeling.resnet import maybe_remat_call
 
 
 def upsample_nearest(x, out_hw: tuple[int, int]):
@@ -35,21 +37,30 @@ class FPN(nn.Module):
     """Laterals (1x1) + top-down nearest upsampling + 3x3 outputs, then P6 = P5[::2, ::2].
 
     Input: [C2, C3, C4, C5] NHWC maps. Output: [P2, P3, P4, P5, P6], `channels` each.
+
+    `remat`: every conv is a `resnet.remat_call`. A conv's backward needs only its
+    input, which is kept either way, so nothing is recomputed (XLA drops the unused
+    forward re-run); but the backward's copies of that input (the 9 tap copies of the
+    P2 3x3 conv's CPU kernel gradient in `conv.py`, 9 x [256, N*H*W] floats, and the
+    transposes of the 1x1 kernel gradients) can no longer be moved into the forward
+    pass, where XLA's CPU scheduler otherwise puts them and they stay live until used.
     """
 
     channels: int = 256
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array]):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming_uniform_(a=1)
         inner = [Conv(self.channels, 1, dtype=self.dtype, kernel_init=init, name=f"inner_blocks_{i}") for i in range(len(xs))]
         layer = [Conv(self.channels, 3, dtype=self.dtype, kernel_init=init, name=f"layer_blocks_{i}") for i in range(len(xs))]
-        last = inner[-1](xs[-1])
-        results = [layer[-1](last)]
+        call = functools.partial(maybe_remat_call, remat=self.remat)
+        last = call(inner[-1], xs[-1])
+        results = [call(layer[-1], last)]
         for i in range(len(xs) - 2, -1, -1):
-            lateral = inner[i](xs[i])
+            lateral = call(inner[i], xs[i])
             last = lateral + upsample_nearest(last, lateral.shape[1:3])
-            results.insert(0, layer[i](last))
+            results.insert(0, call(layer[i], last))
         results.append(results[-1][:, ::2, ::2, :])  # torchvision LastLevelMaxPool: max_pool2d(k=1, s=2)
         return results

@@ -9,6 +9,7 @@ to the image's true size, mask boxes below `min_size` and scores below
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from frcnn_jax import ops
 from frcnn_jax.ops import losses
 from frcnn_jax.modeling.conv import Conv
+from frcnn_jax.modeling.resnet import maybe_remat_call
 
 
 class RPNHead(nn.Module):
@@ -26,10 +28,16 @@ class RPNHead(nn.Module):
     Input: list of [N, H_l, W_l, C] maps. Output: (objectness [N, H_l*W_l*A] per level,
     deltas [N, H_l*W_l*A, 4] per level), flattened in anchor order (y, x, a) — the same
     order as `ops.generate_anchors` and torchvision.
+
+    `remat`: each conv, on every level, is a `resnet.remat_call`: nothing is recomputed
+    (a conv's backward needs only its input, kept either way), but the backward's
+    copies of that input (the 3x3 conv's tap copies on P2, `conv.py`'s CPU kernel
+    gradient) stay out of the forward pass (see `FPN`).
     """
 
     num_anchors: int
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]):
@@ -38,11 +46,12 @@ class RPNHead(nn.Module):
         cls_logits = Conv(self.num_anchors, 1, dtype=self.dtype, kernel_init=init, name="cls_logits")
         bbox_pred = Conv(4 * self.num_anchors, 1, dtype=self.dtype, kernel_init=init, name="bbox_pred")
         objectness, deltas = [], []
+        call = functools.partial(maybe_remat_call, remat=self.remat)
         for f in features:
-            t = nn.relu(conv(f))
+            t = nn.relu(call(conv, f))
             n = f.shape[0]
-            objectness.append(cls_logits(t).reshape(n, -1).astype(jnp.float32))
-            deltas.append(bbox_pred(t).reshape(n, -1, 4).astype(jnp.float32))
+            objectness.append(call(cls_logits, t).reshape(n, -1).astype(jnp.float32))
+            deltas.append(call(bbox_pred, t).reshape(n, -1, 4).astype(jnp.float32))
         return objectness, deltas
 
 

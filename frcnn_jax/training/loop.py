@@ -18,6 +18,10 @@ How the loop keeps an accelerator busy:
 - Input overlap: a `DevicePrefetcher` thread pulls batches from the grain pipeline and
   starts their sharded `device_put` while the current step runs (`train.prefetch`
   batches ahead).
+- Memory: `train.xla_cpu_scheduler` picks XLA:CPU's schedule of the step ("memory"
+  lowers the peak, `training.host_memory`); with one canvas the step is compiled ahead
+  of the first call and the compiler's freed heap is returned to the OS
+  (`model.remat` trades recomputation for memory, `modeling.config.REMAT_PARTS`).
 - Checkpoints (`frcnn_jax.run_checkpoint`) hold the train state, the monitor and every
   process's input-iterator state in one orbax step, written asynchronously
   (`train.async_checkpoint`); the last save is awaited before the loop returns or raises.
@@ -40,7 +44,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -50,8 +53,8 @@ from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
 from frcnn_jax.evaluation.report import write_detections_json
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
+from frcnn_jax.training import host_memory, sharding
 from frcnn_jax.training import monitor as monitor_lib
-from frcnn_jax.training import sharding
 from frcnn_jax.training.metrics import MetricsWriter, Progress, plot_losses
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
 from frcnn_jax.training.prefetch import DevicePrefetcher
@@ -106,6 +109,10 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Opt
             raise ValueError(f"train.{name}={t[name]!r}: must be >= 1")
     if t.transfer_guard not in TRANSFER_GUARDS:
         raise ValueError(f"train.transfer_guard={t.transfer_guard!r}: must be one of {TRANSFER_GUARDS}")
+    if t.xla_cpu_scheduler not in host_memory.CPU_SCHEDULERS:
+        raise ValueError(
+            f"train.xla_cpu_scheduler={t.xla_cpu_scheduler!r}: must be one of {tuple(host_memory.CPU_SCHEDULERS)}"
+        )
     for name in ("eval_every", "eval_max_images", "visualize"):
         if int(t[name]) < 0:
             raise ValueError(f"train.{name}={t[name]!r}: must be >= 0")
@@ -249,19 +256,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
             state, metrics = train_step(state, batch)
             return state, monitor_lib.accumulate(monitor, metrics, state.step)
 
-        step_fn = sharding.shard_carry_step(loop_step, mesh, state, monitor)
-        first_batch = None
-        if multi_process:
-            # Compile first, then meet: the first step's cross-process collectives (gloo on
-            # CPU) give up when processes arrive more than ~30 s apart, and compile times differ.
-            first_batch = next(train_iter)
-            step_fn = step_fn.lower(state, monitor, first_batch).compile()  # one canvas: one shape
-            _barrier("train_step_compiled")
-        reset_window = jax.jit(monitor_lib.reset_window, donate_argnums=0, out_shardings=rep)
-
+        options = host_memory.step_compiler_options(str(config.train.xla_cpu_scheduler))
+        step_fn = sharding.shard_carry_step(loop_step, mesh, state, monitor, compiler_options=options)
         start = int(state.step)
         num_steps = int(config.train.num_steps)
         end = num_steps if stop_after_steps is None else min(num_steps, start + stop_after_steps)
+        first_batch = None
+        if start < end and (multi_process or len(config.data.canvases) == 1):
+            # One canvas, one shape: compile ahead of the first step and hand the compiler's
+            # freed heap back to the OS before training allocates. Multi-process runs then
+            # meet: the first step's cross-process collectives (gloo on CPU) give up when
+            # processes arrive more than ~30 s apart, and compile times differ.
+            first_batch = next(train_iter)
+            step_fn = step_fn.lower(state, monitor, first_batch).compile()
+            host_memory.release_freed_heap()
+            if multi_process:
+                _barrier("train_step_compiled")
+        reset_window = jax.jit(monitor_lib.reset_window, donate_argnums=0, out_shardings=rep)
+
         # resumed_from is 0 without a checkpoint too: a run killed before its first one left rows behind
         writer = MetricsWriter(workdir, enabled=is_writer, resumed_from=start)
         history = writer.read_history()

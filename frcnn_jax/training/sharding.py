@@ -63,11 +63,12 @@ def process_batch_to_global(local_batch: dict, mesh: Mesh) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-def shard_carry_step(step, mesh: Mesh, *carry_examples):
+def shard_carry_step(step, mesh: Mesh, *carry_examples, compiler_options: dict | None = None):
     """jit `step(*carries, batch) -> carries` with replicated, donated carries and a sharded batch.
 
     The training loop's step: the carries are the train state and the device-side
     metric monitor (`frcnn_jax.training.monitor`); nothing is returned to the host.
+    `compiler_options`: XLA options for the compile (`host_memory.step_compiler_options`).
     """
     rep = replicated(mesh)
     shardings = tuple(jax.tree.map(lambda _: rep, c) for c in carry_examples)
@@ -77,6 +78,7 @@ def shard_carry_step(step, mesh: Mesh, *carry_examples):
         in_shardings=shardings + (batch_sharding(mesh),),
         out_shardings=shardings if n > 1 else shardings[0],
         donate_argnums=tuple(range(n)),
+        compiler_options=compiler_options,
     )
 
 
