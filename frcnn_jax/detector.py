@@ -60,61 +60,31 @@ def padded_canvas(h: int, w: int, divisible: int = 32) -> tuple[int, int]:
     return (math.ceil(h / divisible) * divisible, math.ceil(w / divisible) * divisible)
 
 
-class Detector:
-    """A Faster R-CNN model ready for inference on lists of images.
+class BatchedDetector:
+    """Host side of inference, shared by `Detector` and `frcnn_jax.export`'s loader.
 
-    Args:
-      model_config: the architecture. variables: {"params", "frozen"}.
-      class_names: index = label (0 = background); used by `predict` for drawing.
-      min_size, max_size: resize rule (short side, cap on the long side).
-      canvases: None (pad to multiples of 32) or a list of (H, W) canvas shapes.
-      batch_size: images per compiled call (a partial batch is padded).
-      score_threshold: drop detections scoring below this (on top of the model's
-        own `box_score_thresh`).
+    Preprocessing (resize, normalise, canvas choice), batching into padded static-shape
+    calls, and rescaling the boxes back to original pixels. A subclass supplies
+    `_forward(canvas, images, sizes)` (float32 [B, H, W, 3], int32 [B, 2] -> the model's
+    output dict, host or device arrays) and sets the attributes named below.
+
+    Attributes a subclass sets: min_size, max_size (resize rule), canvases (None: pad to
+    multiples of 32, or a list of (H, W)), batch_size (images per call),
+    score_threshold. `_call_batch(n)`: the batch dimension of a call holding n images
+    (default `batch_size`: partial batches are padded with (32, 32) zero images).
     """
 
-    def __init__(
-        self,
-        model_config: ModelConfig,
-        variables,
-        *,
-        class_names: Sequence[str] | None = None,
-        label_to_category_id: dict | None = None,
-        min_size: int = 800,
-        max_size: int = 1333,
-        canvases: Sequence[tuple[int, int]] | None = None,
-        batch_size: int = 1,
-        score_threshold: float = 0.0,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if canvases is not None:
-            for c in canvases:
-                if len(c) != 2 or c[0] % 32 or c[1] % 32:
-                    raise ValueError(f"canvases must be (H, W) pairs of multiples of 32, got {c!r}")
-        self.model_config = model_config
-        self.model = FasterRCNN(model_config)
-        self.variables = jax.tree.map(jnp.asarray, variables)
-        self.class_names = list(class_names) if class_names is not None else None
-        self.label_to_category_id = label_to_category_id
-        self.min_size, self.max_size = int(min_size), int(max_size)
-        self.canvases = [tuple(int(v) for v in c) for c in canvases] if canvases is not None else None
-        self.batch_size = int(batch_size)
-        self.score_threshold = float(score_threshold)
-        self._forward = jax.jit(lambda v, images, sizes: self.model.apply(v, images, sizes))
+    min_size: int
+    max_size: int
+    canvases: list[tuple[int, int]] | None
+    batch_size: int
+    score_threshold: float
 
-    @classmethod
-    def from_checkpoint(cls, path, **kwargs) -> "Detector":
-        """A model checkpoint (from `frcnn_jax.convert`) or a training work directory."""
-        cfg, variables, meta = ckpt.load_model(path)
-        if cfg is None:
-            raise ValueError(f"{path} holds a backbone only ({meta.get('kind')}), not a detector")
-        kwargs.setdefault("class_names", meta.get("class_names"))
-        kwargs.setdefault("label_to_category_id", meta.get("label_to_category_id"))
-        for key in ("min_size", "max_size", "canvases"):
-            if key in meta and key not in kwargs:
-                kwargs[key] = meta[key]
-        return cls(cfg, variables, **kwargs)
+    def _forward(self, canvas: tuple[int, int], images: np.ndarray, sizes: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def _call_batch(self, n: int) -> int:
+        return self.batch_size
 
     # --- preprocessing ------------------------------------------------------------------
     def canvas_for(self, h: int, w: int) -> tuple[int, int]:
@@ -159,13 +129,13 @@ class Detector:
         return results[0] if single else results
 
     def _run(self, canvas, items):
-        b = self.batch_size
+        b = self._call_batch(len(items))
         images = np.zeros((b, *canvas, 3), np.float32)
         sizes = np.ones((b, 2), np.int32) * 32
         for k, (norm, size, _) in enumerate(items):
             images[k] = transforms.pad_to_canvas(norm, canvas)
             sizes[k] = size
-        out = jax.device_get(self._forward(self.variables, images, sizes))
+        out = jax.device_get(self._forward(canvas, images, sizes))
         dets = []
         for k, (_, size, orig) in enumerate(items):
             keep = out["valid"][k] & (out["scores"][k] >= self.score_threshold)
@@ -178,3 +148,63 @@ class Detector:
                 }
             )
         return dets
+
+
+class Detector(BatchedDetector):
+    """A Faster R-CNN model ready for inference on lists of images.
+
+    Args:
+      model_config: the architecture. variables: {"params", "frozen"}.
+      class_names: index = label (0 = background); used by `predict` for drawing.
+      min_size, max_size: resize rule (short side, cap on the long side).
+      canvases: None (pad to multiples of 32) or a list of (H, W) canvas shapes.
+      batch_size: images per compiled call (a partial batch is padded).
+      score_threshold: drop detections scoring below this (on top of the model's
+        own `box_score_thresh`).
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        variables,
+        *,
+        class_names: Sequence[str] | None = None,
+        label_to_category_id: dict | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        canvases: Sequence[tuple[int, int]] | None = None,
+        batch_size: int = 1,
+        score_threshold: float = 0.0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if canvases is not None:
+            for c in canvases:
+                if len(c) != 2 or c[0] % 32 or c[1] % 32:
+                    raise ValueError(f"canvases must be (H, W) pairs of multiples of 32, got {c!r}")
+        self.model_config = model_config
+        self.model = FasterRCNN(model_config)
+        self.variables = jax.tree.map(jnp.asarray, variables)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.label_to_category_id = label_to_category_id
+        self.min_size, self.max_size = int(min_size), int(max_size)
+        self.canvases = [tuple(int(v) for v in c) for c in canvases] if canvases is not None else None
+        self.batch_size = int(batch_size)
+        self.score_threshold = float(score_threshold)
+        self._apply = jax.jit(lambda v, images, sizes: self.model.apply(v, images, sizes))
+
+    @classmethod
+    def from_checkpoint(cls, path, **kwargs) -> "Detector":
+        """A model checkpoint (from `frcnn_jax.convert`) or a training work directory."""
+        cfg, variables, meta = ckpt.load_model(path)
+        if cfg is None:
+            raise ValueError(f"{path} holds a backbone only ({meta.get('kind')}), not a detector")
+        kwargs.setdefault("class_names", meta.get("class_names"))
+        kwargs.setdefault("label_to_category_id", meta.get("label_to_category_id"))
+        for key in ("min_size", "max_size", "canvases"):
+            if key in meta and key not in kwargs:
+                kwargs[key] = meta[key]
+        return cls(cfg, variables, **kwargs)
+
+    def _forward(self, canvas, images, sizes):
+        return self._apply(self.variables, images, sizes)

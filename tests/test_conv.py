@@ -1,6 +1,8 @@
 """The conv2d lowerings (XLA, shifted matrix products, XLA with a matrix-product kernel
 gradient) agree in value and in both gradients."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,3 +79,88 @@ def test_unknown_impl_is_rejected():
     x, kernel = _inputs(1, 5, 5, 2, 2, 3)
     with pytest.raises(ValueError, match="impl"):
         conv_lib.conv2d(x, kernel, impl="cudnn")
+
+
+# --- platform-dependent lowering ----------------------------------------------------------
+# conv.py's CPU path shows in StableHLO as dot_generals with no batch dimensions and an
+# NHWC (rank-4) operand: one shifted-window tap times a kernel slice ("nhwc,cd->nhwd"), or
+# a tap-by-tap kernel gradient ("nhwc,nhwd->cd"). XLA's path is `stablehlo.convolution`
+# (forward and both gradients). Nothing else in the model lowers to such a dot_general
+# (ROIAlign's contractions have batch dimensions, the dense layers are rank 2).
+_DOT_GENERAL = re.compile(r"stablehlo\.dot_general\b[^\n]*")
+_RANK4_OPERAND = re.compile(r":\s*\(tensor<(\d+x){4}")
+
+
+def cpu_conv_dots(mlir_text: str) -> int:
+    """Number of dot_generals of conv.py's CPU-only lowering in a StableHLO module's text."""
+    return sum(
+        1 for line in _DOT_GENERAL.findall(mlir_text) if "batching_dims" not in line and _RANK4_OPERAND.search(line)
+    )
+
+
+def _lowered_texts(fn, *args, platform_sets):
+    traced = jax.jit(fn).trace(*args)
+    return {ps: traced.lower(lowering_platforms=ps).as_text() for ps in platform_sets}
+
+
+_PLATFORM_SETS = (("cpu",), ("cuda",), ("tpu",), ("cuda", "tpu"), ("cpu", "cuda", "tpu"))
+
+
+@pytest.mark.parametrize(
+    "case,shape,k,stride,padding",
+    [
+        ("1x1 as one matrix product", (2, 12, 10, 8), 1, 1, 0),
+        ("3x3 on a small map as shifted products", (4, 8, 8, 128), 3, 1, 1),
+        ("3x3 kernel gradient as per-tap products", (2, 20, 18, 128), 3, 1, 1),
+    ],
+)
+def test_cpu_path_is_lowered_for_cpu_only(case, shape, k, stride, padding, monkeypatch):
+    """Forward and both gradients: the CPU-tuned path for cpu, XLA's convolution for cuda / tpu."""
+    monkeypatch.setattr(conv_lib, "_DOT_KERNEL_GRAD_MIN_ELEMENTS", 1)
+    x, kernel = _inputs(*shape, 16, k)
+    if "kernel gradient" in case:
+        assert not conv_lib._use_dots(x.shape, kernel.shape, stride) and conv_lib._use_dot_kernel_grad(x.shape)
+
+    def fwd_and_grads(x, kernel):
+        y, vjp = jax.vjp(lambda a, b: conv_lib.conv2d(a, b, stride, padding, "auto"), x, kernel)
+        return y, vjp(jnp.ones_like(y))
+
+    texts = _lowered_texts(fwd_and_grads, x, kernel, platform_sets=_PLATFORM_SETS)
+    for ps in (("cuda",), ("tpu",), ("cuda", "tpu")):
+        assert cpu_conv_dots(texts[ps]) == 0, f"{case}: CPU-only matrix products in the {ps} lowering"
+        assert "stablehlo.convolution" in texts[ps]
+    assert cpu_conv_dots(texts[("cpu",)]) > 0, f"{case}: the CPU lowering lost its tuned path"
+    # one artifact for all three holds both paths (picked by the platform index at compile time)
+    assert cpu_conv_dots(texts[("cpu", "cuda", "tpu")]) > 0 and "stablehlo.convolution" in texts[("cpu", "cuda", "tpu")]
+    if "kernel gradient" in case:
+        # the tuned path keeps XLA's forward and input gradient on CPU, only the kernel gradient is per-tap
+        assert "stablehlo.convolution" in texts[("cpu",)]
+        assert cpu_conv_dots(texts[("cpu",)]) == k * k  # one [Cin, Cout] product per kernel tap
+    else:
+        assert "stablehlo.convolution" not in texts[("cpu",)]
+
+
+def test_platform_choice_folds_away_in_a_cpu_compile(monkeypatch):
+    """A CPU-only lowering keeps one branch: the compiled program has no conditional, and the
+    same numbers as the CPU path called directly."""
+    monkeypatch.setattr(conv_lib, "_DOT_KERNEL_GRAD_MIN_ELEMENTS", 1)
+    x, kernel = _inputs(2, 20, 18, 128, 4, 3)
+
+    def loss(a, b):
+        return jnp.sum(conv_lib.conv2d(a, b, 1, 1, "auto") ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    lowered = grad.trace(x, kernel).lower(lowering_platforms=("cpu",))
+    assert "stablehlo.case" in lowered.as_text()  # the platform choice, with only the CPU branch left
+    assert "conditional" not in lowered.compile().as_text()
+    direct = jax.jit(jax.grad(lambda a, b: jnp.sum(conv_lib._xla_conv_dot_kernel_grad(a, b, 1, 1) ** 2), argnums=(0, 1)))
+    for got, want in zip(grad(x, kernel), direct(x, kernel)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_xla_and_dot_impls_are_not_platform_dependent():
+    x, kernel = _inputs(1, 8, 8, 8, 8, 1)
+    for impl, want_dots in (("xla", False), ("dot", True)):
+        traced = jax.jit(lambda a, b: conv_lib.conv2d(a, b, impl=impl)).trace(x, kernel)  # noqa: B023
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        assert "stablehlo.case" not in text and (cpu_conv_dots(text) > 0) == want_dots, impl

@@ -14,8 +14,15 @@ XLA's CPU convolution is slow in two places that Faster R-CNN hits hard, so on C
   XLA's forward and input gradient and compute the kernel gradient as one matrix
   product per kernel tap.
 
-On GPU/TPU `auto` is always `lax.conv_general_dilated`. All lowerings give the same
-result up to float rounding.
+The choice is made per platform at lowering time, not at trace time: `auto` stages the
+CPU lowering and `lax.conv_general_dilated` side by side with `jax.lax.platform_dependent`
+(CPU branch: the tuned path; every other platform: XLA's convolution), and the
+lowering keeps only the branch of each platform it lowers for. A program lowered for
+CPU alone holds only the CPU path, one lowered for cuda / tpu only XLA's convolution,
+and a multi-platform artifact (`jax.export` with several platforms) both, picked when
+the module is compiled on its device. Differentiation goes through the conditional,
+so the backward pass (the custom kernel gradient included) is platform-dependent in
+the same way. All lowerings give the same result up to float rounding.
 """
 
 from __future__ import annotations
@@ -34,8 +41,7 @@ _DOT_KERNEL_GRAD_MIN_ELEMENTS = 2**23
 
 
 def _use_dots(x_shape, kernel_shape, stride: int) -> bool:
-    if jax.default_backend() != "cpu":
-        return False
+    """Whether the CPU lowering computes this convolution as shifted matrix products (static shapes)."""
     kh, kw, cin, _ = kernel_shape
     if kh == kw == 1:
         return True
@@ -44,9 +50,12 @@ def _use_dots(x_shape, kernel_shape, stride: int) -> bool:
 
 
 def _use_dot_kernel_grad(x_shape) -> bool:
-    if jax.default_backend() != "cpu":
-        return False
+    """Whether the CPU lowering takes the matrix-product kernel gradient for input shape `x_shape`.
+
+    A symbolic batch dimension (`jax.export` shape polymorphism) counts as 1, its lower bound.
+    """
     n, h, w, cin = x_shape
+    n = n if isinstance(n, int) else 1
     return cin >= 128 and n * h * w * cin >= _DOT_KERNEL_GRAD_MIN_ELEMENTS
 
 
@@ -106,19 +115,35 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto"):
       x: [N, H, W, Cin] float32 or bfloat16.
       kernel: [kh, kw, Cin, Cout], same dtype as `x`.
       stride, padding: ints, the same in both spatial dimensions.
-      impl: "auto" (fastest lowering for the backend and shapes), "xla"
-        (`lax.conv_general_dilated`) or "dot" (sum of shifted matrix products).
+      impl: "auto" (per platform at lowering time: on CPU the fastest lowering for
+        the shapes, elsewhere `lax.conv_general_dilated`), "xla"
+        (`lax.conv_general_dilated` everywhere) or "dot" (sum of shifted matrix
+        products everywhere).
 
     Returns:
       [N, (H + 2p - kh) // stride + 1, (W + 2p - kw) // stride + 1, Cout], dtype of `x`.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "dot" or (impl == "auto" and _use_dots(x.shape, kernel.shape, stride)):
+    if impl == "dot":
         return _dot_conv(x, kernel, stride, padding)
-    if impl == "auto" and _use_dot_kernel_grad(x.shape):
-        return _xla_conv_dot_kernel_grad(x, kernel, stride, padding)
-    return _xla_conv(x, kernel, stride, padding)
+    cpu = _cpu_lowering(x.shape, kernel.shape, stride) if impl == "auto" else None
+    if cpu is None:
+        return _xla_conv(x, kernel, stride, padding)
+    return jax.lax.platform_dependent(
+        x, kernel,
+        cpu=lambda x_, k_: cpu(x_, k_, stride, padding),
+        default=lambda x_, k_: _xla_conv(x_, k_, stride, padding),
+    )  # fmt: skip
+
+
+def _cpu_lowering(x_shape, kernel_shape, stride: int):
+    """The CPU-tuned `f(x, kernel, stride, padding)` for these static shapes, or None (XLA's conv is best)."""
+    if _use_dots(x_shape, kernel_shape, stride):
+        return _dot_conv
+    if _use_dot_kernel_grad(x_shape):
+        return _xla_conv_dot_kernel_grad
+    return None
 
 
 class Conv(nn.Module):
