@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/shapes
+# pytest-xdist workers for `make test` (each test file runs whole on one worker).
+TEST_WORKERS ?= 2
 
 .PHONY: install install-dev train test bench clean
 
@@ -28,7 +30,7 @@ train: install
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) train.py --workdir $(WORKDIR)
 
 test: install-dev
-	JAX_PLATFORMS=cpu $(PY) -m pytest tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: install-dev
 	JAX_PLATFORMS=cpu $(PY) benchmarks/ops.py

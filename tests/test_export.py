@@ -137,13 +137,11 @@ def test_artifact_gives_exactly_the_detectors_detections(loaded, r50):
 
 
 def _recipe_code() -> str:
-    """The python block after `<!-- export-recipe -->` in docs/export_recipe.md (or the README)."""
-    for doc in (REPO / "docs" / "export_recipe.md", REPO / "README.md"):
-        if doc.is_file() and "<!-- export-recipe -->" in (text := doc.read_text()):
-            m = re.search(r"<!-- export-recipe -->\s*```python\n(.*?)```", text, re.S)
-            assert m, f"{doc}: no python block after the export-recipe marker"
-            return m.group(1)
-    raise AssertionError("no export recipe (<!-- export-recipe --> + python block) in docs/export_recipe.md or README.md")
+    """The python block after `<!-- export-recipe -->` in the README ("Export and serving")."""
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"<!-- export-recipe -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "README.md: no python block after the <!-- export-recipe --> marker"
+    return m.group(1)
 
 
 def test_recipe_runs_the_artifact_without_frcnn_jax(loaded, artifact, r50, tmp_path):

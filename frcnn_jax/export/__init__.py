@@ -13,7 +13,7 @@ weights baked in: `call(images float32 [B, H, W, 3], image_sizes int32 [B, 2]) -
 bool [B, D]}` (boxes in resized-image pixels). `FILE.json` (the sidecar) is the
 preprocessing contract. With several `--canvas` flags each canvas gets its own artifact,
 `<stem>-HxW<suffix>` beside FILE, all listed in the one sidecar `FILE.json`.
-docs/export_recipe.md runs an artifact without importing frcnn_jax.
+The README ("Export and serving") has a recipe that runs an artifact without importing frcnn_jax.
 
 Modules: `artifact` (lowering, sidecar, writing), `loader` (`load`), `__main__` (CLI).
 """
