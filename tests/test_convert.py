@@ -93,6 +93,7 @@ def test_resnet50_backbone_conversion(torch, torchvision, tmp_path):
     np.testing.assert_array_equal(init["params"]["backbone"]["body"]["layer3"]["5"]["conv2"]["kernel"], v["params"]["layer3"]["5"]["conv2"]["kernel"])
     np.testing.assert_array_equal(init["params"]["roi_heads"]["box_head"]["layer4"]["0"]["downsample_0"]["kernel"], v["params"]["layer4"]["0"]["downsample_0"]["kernel"])
     np.testing.assert_array_equal(init["frozen"]["roi_heads"]["box_head"]["layer4"]["1"]["bn2"]["running_var"], v["frozen"]["layer4"]["1"]["bn2"]["running_var"])
+    np.testing.assert_array_equal(init["frozen"]["backbone"]["body"]["bn1"]["running_mean"], v["frozen"]["bn1"]["running_mean"])
     config.model.depth = 101
     with pytest.raises(ValueError, match="ResNet-50 checkpoint cannot initialise model.depth=101"):
         _init_variables(FasterRCNN(ModelConfig.from_dict(config.model.to_dict())), config, 0)

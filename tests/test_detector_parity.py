@@ -92,7 +92,7 @@ def test_features_and_rpn_head(pair, torch):
         assert _rel(got, ref.permute(0, 2, 3, 1).numpy()) <= 1e-4
     # RPN head on the same (torchvision) features
     tv_feats = [jnp.asarray(f.permute(0, 2, 3, 1).numpy()) for f in ref_feats]
-    obj, deltas = jax.jit(lambda v, f: m.apply(v, f, method=FasterRCNN.rpn_outputs))(pair["variables"], tv_feats)
+    obj, deltas = jax.jit(lambda v, f: m.apply(v, f, method=lambda m, f: m.rpn(f)))(pair["variables"], tv_feats)
     with torch.no_grad():
         ref_obj, ref_deltas = tr.rpn_head_outputs(pair["tv"], pair["feats"])
     for lvl in range(len(ref_obj)):
@@ -136,7 +136,7 @@ def test_detections_from_same_features_and_proposals(pair, torch):
     size = jnp.array(pair["images"].image_sizes[0])
 
     def run(v, f, p):
-        logits, deltas = m.apply(v, f, p, (800, 1088), method=FasterRCNN.box_predictions)
+        logits, deltas = m.apply(v, f, p, (800, 1088), method=lambda m, f, p, hw: m.roi_heads(f, p, hw))
         return postprocess_detections(
             logits[0], deltas[0], p[0], jnp.ones(p.shape[1], bool), size, bbox_reg_weights=cfg.bbox_reg_weights,
             score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,

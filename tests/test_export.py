@@ -289,16 +289,17 @@ def test_r50_fpn_forward_lowers_for_cuda_and_tpu_without_the_cpu_conv_path(dtype
 def test_sharded_r50_fpn_train_step_lowers_for_cuda_and_tpu():
     """The whole training step as train.py jits it (8 devices, batch sharded, state replicated):
     its cuda/tpu program has XLA's convolution gradients only, the CPU one per-tap kernel gradients."""
+    from frcnn_jax.modeling.param_paths import frozen_param_paths
     from frcnn_jax.training import sharding
     from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
-    from frcnn_jax.training.train_step import create_train_state, make_train_step, trainable_frozen_prefixes
+    from frcnn_jax.training.train_step import create_train_state, make_train_step
 
     assert jax.device_count() == 8
     model = FasterRCNN(R50_FPN)
     ocfg = OptimConfig(base_lr=0.02, warmup_steps=2, decay_steps=(50,), total_steps=100)
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
     state = _abstract(jax.eval_shape(lambda: create_train_state(model, variables, ocfg, 0)[0]))
-    tx = make_optimizer(ocfg, variables["params"], trainable_frozen_prefixes(model))
+    tx = make_optimizer(ocfg, variables["params"], frozen_param_paths(model.cfg))
     step = sharding.shard_train_step(make_train_step(model, tx, learning_rate_schedule(ocfg)), sharding.data_mesh(), state)
     b, hw, g = 8, 256, 4
     batch = {

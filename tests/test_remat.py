@@ -17,8 +17,8 @@ import pytest
 
 from frcnn_jax.modeling import conv
 from frcnn_jax.modeling.config import REMAT_PARTS, ModelConfig
-from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
-from frcnn_jax.training.train_step import LOSS_NAMES, compute_losses
+from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES, FasterRCNN, init_variables
+from frcnn_jax.training.train_step import compute_losses
 from test_train_step import TINY, tiny_batch
 
 # Every layer trains (freeze_at=0) and no residual branch starts at zero, so every

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from frcnn_jax.modeling.config import ModelConfig
-from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
+from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES, FasterRCNN, init_variables
 from frcnn_jax.training import sharding
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer, param_labels
-from frcnn_jax.training.train_step import LOSS_NAMES, create_train_state, make_train_step
+from frcnn_jax.training.train_step import create_train_state, make_train_step
 
 TINY = dict(
     num_classes=4, depth=18, width=8, freeze_at=0, zero_init_residual=True, anchor_sizes=(16.0, 32.0, 64.0),

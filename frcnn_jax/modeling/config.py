@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+import jax.numpy as jnp
+
 ARCHS = ("c4", "fpn")
 
 # Training-time rematerialisation (`ModelConfig.remat`): which parts of the network are
@@ -50,6 +52,11 @@ def dataclass_from_mapping(cls, values: Mapping[str, Any], section: str):
     if unknown:
         raise ValueError(f"unknown {section} config field(s) {unknown}; valid fields: {sorted(names)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def compute_dtype(cfg: "ModelConfig"):
+    """The modules' compute dtype (`ModelConfig.dtype`; parameters stay float32)."""
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +128,6 @@ class ModelConfig:
     def num_anchors_per_location(self) -> int:
         per_level = len(self.anchor_sizes) if self.arch == "c4" else 1
         return per_level * len(self.aspect_ratios)
-
-    @property
-    def feature_strides(self) -> tuple[int, ...]:
-        """Strides of the RPN feature levels (C4: (16,); FPN: (4, 8, 16, 32, 64))."""
-        return (16,) if self.arch == "c4" else (4, 8, 16, 32, 64)
 
     def remats(self, part: str) -> bool:
         """Whether `part` ("resnet", "fpn", "rpn_head", "box_head") is rematerialised (`resnet.remat_call`)."""

@@ -3,7 +3,7 @@
 Flax-examples style: build the data, the model and the train state, resume from the
 latest checkpoint in `workdir` if there is one, then step, log, checkpoint and
 evaluate. Everything that decides numbers lives in the pure functions it calls
-(`train_step`, `targets`, the ops); this file only wires them together.
+(`FasterRCNN.losses`, `train_step`, the ops); this file only wires them together.
 
 How the loop keeps an accelerator busy:
 - No host sync between log steps. Each step is one jitted call,
@@ -52,6 +52,7 @@ from frcnn_jax.data import builder as data_lib
 from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
 from frcnn_jax.evaluation.report import write_detections_json
 from frcnn_jax.modeling.config import ModelConfig
+from frcnn_jax.modeling import param_paths
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 from frcnn_jax.training import host_memory, sharding
 from frcnn_jax.training import monitor as monitor_lib
@@ -155,18 +156,8 @@ def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool
     if not path or not load_backbone:
         return variables
     _, backbone, _ = model_checkpoint.load_model(path)
-    params = jax.tree.map(lambda x: x, variables["params"])
-    frozen = jax.tree.map(lambda x: x, variables["frozen"])
-    body_p, body_f = params["backbone"]["body"], frozen["backbone"]["body"]
-    for name in body_p:
-        body_p[name] = backbone["params"][name]
-        if name in body_f:
-            body_f[name] = backbone["frozen"][name]
-    if model.cfg.arch == "c4":  # layer4 is the box head
-        params["roi_heads"]["box_head"]["layer4"] = backbone["params"]["layer4"]
-        frozen["roi_heads"]["box_head"]["layer4"] = backbone["frozen"]["layer4"]
     log.info("initialised the backbone from %s", path)
-    return {"params": params, "frozen": frozen}
+    return param_paths.with_imagenet_backbone(variables, backbone, model.cfg)
 
 
 
