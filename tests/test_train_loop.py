@@ -123,6 +123,6 @@ def test_resume_with_other_anchors_is_refused(tmp_path):
     config.train.num_steps = 1
     config.train.visualize = 0
     train_and_evaluate(config, tmp_path / "w", stop_after_steps=1)
-    config.model.aspect_ratios = (1.0,)
-    with pytest.raises(ValueError, match="different model config.*aspect_ratios"):
+    config.model.anchors.aspect_ratios = (1.0,)
+    with pytest.raises(ValueError, match="different model config.*model.anchors.aspect_ratios"):
         train_and_evaluate(config, tmp_path / "w")

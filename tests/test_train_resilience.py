@@ -81,7 +81,7 @@ def _rows_logged(workdir) -> int:
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_the_same_command_resumes_exactly(tmp_path):
-    flags = _flags(21, checkpoint_every=3) + ["--config.optim.total_steps=21", "--config.optim.decay_steps=(14,)"]
+    flags = _flags(21, checkpoint_every=3) + ["--config.optim.decay_steps=(14,)"]
     reference = tmp_path / "reference"
     _run(TRAIN + flags + [f"--workdir={reference}"])
 

@@ -38,23 +38,23 @@ class Backbone(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        cfg = self.cfg
+        cfg, bb = self.cfg, self.cfg.backbone
         body = ResNet(
-            depth=cfg.depth,
-            width=cfg.width,
+            depth=bb.depth,
+            width=bb.width,
             num_stages=3 if cfg.arch == "c4" else 4,
-            stride_in_1x1=cfg.stride_in_1x1,
-            freeze_at=cfg.freeze_at,
-            bn_eps=cfg.bn_eps,
+            stride_in_1x1=bb.stride_in_1x1,
+            freeze_at=bb.freeze_at,
+            bn_eps=bb.bn_eps,
             dtype=compute_dtype(cfg),
-            zero_init_residual=cfg.zero_init_residual,
+            zero_init_residual=bb.zero_init_residual,
             remat=cfg.remats("resnet"),
             name="body",
         )
         outs = body(images)
         if cfg.arch == "c4":
             return [outs["layer3"]]
-        fpn = FPN(cfg.fpn_channels, dtype=compute_dtype(cfg), remat=cfg.remats("fpn"), name="fpn")
+        fpn = FPN(bb.fpn_channels, dtype=compute_dtype(cfg), remat=cfg.remats("fpn"), name="fpn")
         return fpn([outs[f"layer{i}"] for i in range(1, 5)])
 
 
@@ -79,7 +79,7 @@ class FasterRCNN(nn.Module):
           image_sizes: [B, 2] int32 (h, w) of each resized image inside the canvas.
         Returns:
           dict: boxes [B, D, 4] (canvas pixels), scores [B, D], labels [B, D] int32,
-          valid [B, D] bool (D = detections_per_img). With `return_intermediates`, also
+          valid [B, D] bool (D = roi_heads.postprocess.detections_per_img). With `return_intermediates`, also
           features, objectness, rpn_deltas, proposals, proposal_scores, proposal_valid,
           class_logits, box_deltas.
         """
@@ -126,9 +126,7 @@ class FasterRCNN(nn.Module):
         feats = self.features(images)
         objectness, deltas = self.rpn(feats)
         anchors = rpn_anchors(self.cfg, canvas_hw, feats)
-        loss_obj, loss_rpn_box, positives = rpn_losses(
-            self.cfg, objectness, deltas, anchors, gt_boxes, gt_valid, k_rpn
-        )
+        loss_obj, loss_rpn_box, positives = rpn_losses(self.cfg, objectness, deltas, anchors, gt_boxes, gt_valid, k_rpn)
         props, _, prop_valid = rpn_proposals(self.cfg, objectness, deltas, anchors, sizes, train=True)
         loss_cls, loss_box, foreground = self.roi_heads.losses(
             feats, props, prop_valid, gt_boxes, batch["labels"], gt_valid, canvas_hw, k_roi

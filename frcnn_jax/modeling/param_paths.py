@@ -17,8 +17,8 @@ C4_BOX_HEAD_LAYER4 = ("roi_heads", "box_head", "layer4")
 
 
 def frozen_param_paths(cfg: ModelConfig) -> tuple[str, ...]:
-    """'/'-joined parameter-path prefixes frozen by `freeze_at` (stem / early trunk stages): no update at all."""
-    return tuple("/".join((*TRUNK, p)) for p in frozen_param_prefixes(cfg.freeze_at))
+    """'/'-joined parameter-path prefixes frozen by `backbone.freeze_at` (stem, early trunk stages): never updated."""
+    return tuple("/".join((*TRUNK, p)) for p in frozen_param_prefixes(cfg.backbone.freeze_at))
 
 
 def _at(tree, path):

@@ -15,6 +15,7 @@ background (label 0), G padded ground-truth boxes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -108,27 +109,29 @@ class RoIHeads(nn.Module):
     cfg: ModelConfig
 
     def setup(self):
-        cfg = self.cfg
+        cfg, bb = self.cfg, self.cfg.backbone
         if cfg.arch == "c4":
             self.box_head = Res5Head(
-                cfg.depth, cfg.width, cfg.stride_in_1x1, cfg.bn_eps, dtype=compute_dtype(cfg),
-                zero_init_residual=cfg.zero_init_residual, remat=cfg.remats("box_head"),
+                bb.depth, bb.width, bb.stride_in_1x1, bb.bn_eps, dtype=compute_dtype(cfg),
+                zero_init_residual=bb.zero_init_residual, remat=cfg.remats("box_head"),
             )  # fmt: skip
         else:
-            self.box_head = TwoMLPHead(cfg.representation_size, dtype=compute_dtype(cfg), remat=cfg.remats("box_head"))
+            self.box_head = TwoMLPHead(
+                cfg.roi_heads.representation_size, dtype=compute_dtype(cfg), remat=cfg.remats("box_head")
+            )
         self.box_predictor = FastRCNNPredictor(cfg.num_classes, dtype=compute_dtype(cfg))
 
     def __call__(self, features, boxes, canvas_hw):
         """Pools `boxes` [B, P, 4] from `features` (the RPN levels) -> logits [B, P, K], deltas [B, P, K, 4]."""
-        cfg = self.cfg
+        cfg, pooler = self.cfg, self.cfg.roi_heads.pooler
         b, p, _ = boxes.shape
         pooled = pool_rois(
             features if cfg.arch == "c4" else features[:4],
             boxes,
             canvas_hw,
-            output_size=cfg.pooler_resolution,
-            sampling_ratio=cfg.pooler_sampling_ratio,
-            aligned=cfg.pooler_aligned,
+            output_size=pooler.resolution,
+            sampling_ratio=pooler.sampling_ratio,
+            aligned=pooler.aligned,
             multiscale=cfg.arch == "fpn",
         )
         logits, deltas = self.box_predictor(self.box_head(pooled.astype(compute_dtype(cfg))))
@@ -138,17 +141,14 @@ class RoIHeads(nn.Module):
         """Inference: proposals [B, P, 4] + valid [B, P] -> (detections, logits [B, P, K], deltas [B, P, K, 4]).
 
         detections: boxes [B, D, 4] (canvas pixels), scores [B, D], labels [B, D] int32,
-        valid [B, D] bool; D = detections_per_img (see `postprocess_detections`).
+        valid [B, D] bool; D = roi_heads.postprocess.detections_per_img (see `postprocess_detections`).
         """
-        cfg = self.cfg
+        heads = self.cfg.roi_heads
         logits, deltas = self(features, proposals, canvas_hw)
         post = functools.partial(
             postprocess_detections,
-            bbox_reg_weights=cfg.bbox_reg_weights,
-            score_thresh=cfg.box_score_thresh,
-            nms_thresh=cfg.box_nms_thresh,
-            detections_per_img=cfg.detections_per_img,
-            min_size=cfg.box_min_size,
+            bbox_reg_weights=heads.bbox_reg_weights,
+            **dataclasses.asdict(heads.postprocess),
         )
         return jax.vmap(post)(logits, deltas, proposals, proposal_valid, image_sizes), logits, deltas
 
@@ -159,18 +159,13 @@ class RoIHeads(nn.Module):
         gt_labels [B, G] int32, gt_valid [B, G] (crowd excluded); key: PRNG key (split per image).
         Returns: (loss_classifier, loss_box_reg, foreground [B] int32 sampled foreground ROIs).
         """
-        cfg = self.cfg
+        heads = self.cfg.roi_heads
         targets = jax.vmap(
             functools.partial(
-                box_head_targets,
-                fg_iou_thresh=cfg.box_fg_iou_thresh,
-                bg_iou_thresh=cfg.box_bg_iou_thresh,
-                batch_size_per_image=cfg.box_batch_size_per_image,
-                positive_fraction=cfg.box_positive_fraction,
-                bbox_reg_weights=cfg.bbox_reg_weights,
+                box_head_targets, bbox_reg_weights=heads.bbox_reg_weights, **dataclasses.asdict(heads.assigner)
             )
         )(jax.random.split(key, gt_boxes.shape[0]), jax.lax.stop_gradient(proposals), proposal_valid, gt_boxes,
           gt_labels, gt_valid)  # fmt: skip
         logits, deltas = self(features, targets["boxes"], canvas_hw)
-        loss_cls, loss_box = box_head_loss(logits, deltas, targets, beta=cfg.box_loss_beta)
+        loss_cls, loss_box = box_head_loss(logits, deltas, targets, beta=heads.box_loss_beta)
         return loss_cls, loss_box, jnp.sum(targets["valid"] & (targets["labels"] > 0), axis=1)

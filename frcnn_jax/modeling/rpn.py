@@ -18,8 +18,9 @@ to the image's true size, mask boxes below `min_size` and scores below
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -191,23 +192,25 @@ def rpn_targets(
 
 def rpn_anchors(cfg: ModelConfig, canvas_hw, features) -> list[jax.Array]:
     """Per-level anchors [N_l, 4] for `features` (list of [B, H_l, W_l, C]) on a static canvas."""
-    return level_anchors(canvas_hw, [f.shape[1:3] for f in features], cfg.level_anchor_sizes(), cfg.aspect_ratios)
+    hws = [f.shape[1:3] for f in features]
+    return level_anchors(canvas_hw, hws, cfg.level_anchor_sizes(), cfg.anchors.aspect_ratios)
 
 
 def rpn_proposals(cfg: ModelConfig, objectness, deltas, anchors, image_sizes, *, train: bool):
     """Proposals of a batch: boxes [B, P, 4], scores [B, P], valid [B, P] (P = post-NMS top-n, static).
 
     objectness: per level [B, N_l]; deltas: per level [B, N_l, 4]; anchors: per level [N_l, 4];
-    image_sizes: [B, 2] int32 (h, w). `train` picks the train or test top-n settings.
+    image_sizes: [B, 2] int32 (h, w). `train` picks `cfg.rpn.train` or `cfg.rpn.test` (the top-n counts).
     """
+    rpn, counts = cfg.rpn, cfg.rpn.proposals(train)
     fn = functools.partial(
         select_proposals,
         anchors=anchors,
-        pre_nms_top_n=cfg.rpn_pre_nms_top_n_train if train else cfg.rpn_pre_nms_top_n_test,
-        post_nms_top_n=cfg.rpn_post_nms_top_n_train if train else cfg.rpn_post_nms_top_n_test,
-        nms_thresh=cfg.rpn_nms_thresh,
-        min_size=cfg.rpn_min_size,
-        score_thresh=cfg.rpn_score_thresh,
+        pre_nms_top_n=counts.pre_nms_top_n,
+        post_nms_top_n=counts.post_nms_top_n,
+        nms_thresh=rpn.nms_thresh,
+        min_size=rpn.min_size,
+        score_thresh=rpn.score_thresh,
     )
     return jax.vmap(lambda o, d, s: fn(o, d, image_size=s))(objectness, deltas, image_sizes)
 
@@ -225,14 +228,11 @@ def rpn_losses(cfg: ModelConfig, objectness, deltas, anchors, gt_boxes, gt_valid
         functools.partial(
             rpn_targets,
             anchors=jnp.concatenate(anchors),
-            fg_iou_thresh=cfg.rpn_fg_iou_thresh,
-            bg_iou_thresh=cfg.rpn_bg_iou_thresh,
-            batch_size_per_image=cfg.rpn_batch_size_per_image,
-            positive_fraction=cfg.rpn_positive_fraction,
+            **dataclasses.asdict(cfg.rpn.assigner),
         )
     )(jax.random.split(key, b), gt_boxes=gt_boxes, gt_valid=gt_valid)
     loss_obj, loss_box = rpn_loss(
-        jnp.concatenate(objectness, axis=1), jnp.concatenate(deltas, axis=1), targets, beta=cfg.rpn_box_loss_beta
+        jnp.concatenate(objectness, axis=1), jnp.concatenate(deltas, axis=1), targets, beta=cfg.rpn.box_loss_beta
     )
     return loss_obj, loss_box, jnp.sum(targets["positive"], axis=1)
 
