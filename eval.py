@@ -114,10 +114,10 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out: str, max_image
     known = set(source.label_to_category_id.values())
     mapping = meta.get("label_to_category_id")
     if mapping is None:
-        if model_cfg.num_classes != source.num_classes + 1:
+        if model_cfg.num_classes != source.num_object_classes + 1:
             return _fail(
                 f"{checkpoint}: the model has {model_cfg.num_classes} classes (with background), the {split} data "
-                f"{source.num_classes} (+1), and the checkpoint has no label_to_category_id to match them"
+                f"{source.num_object_classes} (+1), and the checkpoint has no label_to_category_id to match them"
             )
         mapping = source.label_to_category_id
     else:  # e.g. torchvision's 91-class COCO head: labels are COCO ids, some unused here

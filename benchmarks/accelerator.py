@@ -92,7 +92,7 @@ if REPO not in sys.path:
 
 from _timing import machine_line, median_seconds, print_table  # noqa: E402
 
-from frcnn_jax.modeling.config import ModelConfig  # noqa: E402
+from frcnn_jax.modeling.config import ModelConfig, r50_c4, r50_fpn  # noqa: E402
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables  # noqa: E402
 from frcnn_jax.training import sharding  # noqa: E402
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule  # noqa: E402
@@ -107,7 +107,7 @@ D2_V100 = {"fpn": {"train": 9.5, "infer": 1 / 0.038}, "c4": {"train": 3.6, "infe
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str
-    model: dict  # ModelConfig fields (dtype excluded)
+    model: dict  # ModelConfig fields, nested or dotted (`ModelConfig.from_dict`; dtype excluded)
     optim: OptimConfig
 
 
@@ -137,18 +137,13 @@ FULL = Profile(
         # configs/r50_fpn_coco.py: torchvision's fasterrcnn_resnet50_fpn v1.
         "fpn": ModelSpec(
             "R-50-FPN",
-            dict(
-                arch="fpn", num_classes=81, depth=50, freeze_at=2, anchor_sizes=(32.0, 64.0, 128.0, 256.0, 512.0),
-                rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_train=2000,
-                rpn_post_nms_top_n_test=1000, pooler_resolution=7, pooler_sampling_ratio=2, representation_size=1024,
-                box_batch_size_per_image=512,
-            ),  # fmt: skip
+            r50_fpn(num_classes=81).to_dict(),
             OptimConfig(base_lr=0.02, warmup_steps=500, decay_steps=(60_000, 80_000), total_steps=90_000),
         ),
         # configs/r50_c4_coco.py: maskrcnn-benchmark R-50-C4 (the ModelConfig defaults).
         "c4": ModelSpec(
             "R-50-C4",
-            dict(arch="c4", num_classes=81, freeze_at=2),
+            r50_c4(num_classes=81).to_dict(),
             OptimConfig(
                 base_lr=0.01, bias_lr_factor=2.0, weight_decay=1e-4, warmup_steps=500, warmup_factor=1.0 / 3,
                 decay_steps=(120_000, 160_000), total_steps=180_000,
@@ -157,11 +152,12 @@ FULL = Profile(
     },
 )
 
-_TINY = dict(
-    depth=18, width=8, num_classes=9, freeze_at=2, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=32,
-    rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=16, rpn_batch_size_per_image=64, box_batch_size_per_image=16,
-    detections_per_img=10, pooler_sampling_ratio=2,
-)  # fmt: skip
+_TINY = {  # dotted ModelConfig fields
+    "num_classes": 9, "backbone": {"depth": 18, "width": 8, "freeze_at": 2},
+    "rpn.train": {"pre_nms_top_n": 200, "post_nms_top_n": 32}, "rpn.test": {"pre_nms_top_n": 100, "post_nms_top_n": 16},
+    "rpn.assigner.batch_size_per_image": 64, "roi_heads.assigner.batch_size_per_image": 16,
+    "roi_heads.postprocess.detections_per_img": 10, "roi_heads.pooler.sampling_ratio": 2,
+}  # fmt: skip
 _TINY_OPTIM = OptimConfig(base_lr=0.01, warmup_steps=0)
 
 SMOKE = Profile(
@@ -176,11 +172,15 @@ SMOKE = Profile(
     models={
         "fpn": ModelSpec(
             "R-18-FPN w8",
-            dict(_TINY, arch="fpn", fpn_channels=16, representation_size=32, pooler_resolution=7,
-                 anchor_sizes=(16.0, 32.0, 64.0, 128.0, 256.0)),  # fmt: skip
+            {**_TINY, "arch": "fpn", "backbone.fpn_channels": 16, "roi_heads.representation_size": 32,
+             "roi_heads.pooler.resolution": 7, "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0)},  # fmt: skip
             _TINY_OPTIM,
         ),
-        "c4": ModelSpec("R-18-C4 w8", dict(_TINY, arch="c4", pooler_resolution=6, anchor_sizes=(16.0, 32.0, 64.0)), _TINY_OPTIM),
+        "c4": ModelSpec(
+            "R-18-C4 w8",
+            {**_TINY, "arch": "c4", "roi_heads.pooler.resolution": 6, "anchors.sizes": (16.0, 32.0, 64.0)},
+            _TINY_OPTIM,
+        ),
     },
 )
 
@@ -351,7 +351,7 @@ class Benchmark:
     # -- building blocks (overridable, e.g. by tests) ------------------------------------------
     def model(self, arch: str, dtype: str) -> FasterRCNN:
         spec = self.profile.models[arch]
-        return FasterRCNN(ModelConfig(**{**spec.model, **self.overrides, "dtype": dtype}))
+        return FasterRCNN(ModelConfig.from_dict({**spec.model, **self.overrides, "dtype": dtype}))
 
     def setup(self, arch: str) -> _ArchSetup:
         if arch not in self._setups:
@@ -659,7 +659,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="start no fallback wave (smaller batches) after this many seconds (default 420; smoke: none)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a ModelConfig field for every model (e.g. --set remat=backbone)")  # fmt: skip
+                   help="override a ModelConfig field for every model (e.g. --set remat=backbone, --set rpn.nms_thresh=0.6)")  # fmt: skip
     args = p.parse_args(argv)
 
     profile = SMOKE if args.smoke else FULL

@@ -55,7 +55,8 @@ def main(argv=None):
     from frcnn_jax.evaluation.model_eval import evaluate_model
     from frcnn_jax.modeling.config import ModelConfig
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
-    from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
+    from frcnn_jax.training.loop import optim_config
+    from frcnn_jax.training.optim import learning_rate_schedule
     from frcnn_jax.training.train_step import create_train_state, make_train_step
 
     rows = []
@@ -84,7 +85,7 @@ def main(argv=None):
     cfg = ModelConfig.from_dict(config.model.to_dict())
     model = FasterRCNN(cfg)
     variables = init_variables(model, jax.random.key(0))
-    ocfg = OptimConfig.from_dict(config.optim.to_dict())
+    ocfg = optim_config(config)
     state, tx = create_train_state(model, variables, ocfg, 0)
     step = jax.jit(make_train_step(model, tx, learning_rate_schedule(ocfg)), donate_argnums=0)
     it = builder.train_iterator(shapes, config.data, seed=0)

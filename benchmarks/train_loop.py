@@ -62,11 +62,12 @@ def bare_images_per_sec(config, steps: int) -> float:
     from frcnn_jax.modeling.config import ModelConfig
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
     from frcnn_jax.training import sharding
-    from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
+    from frcnn_jax.training.loop import optim_config
+    from frcnn_jax.training.optim import learning_rate_schedule
     from frcnn_jax.training.train_step import create_train_state, make_train_step
 
     model = FasterRCNN(ModelConfig.from_dict(config.model.to_dict()))
-    optim_cfg = OptimConfig.from_dict(config.optim.to_dict())
+    optim_cfg = optim_config(config)
     state, tx = create_train_state(model, init_variables(model, jax.random.key(0)), optim_cfg, 0)
     mesh = sharding.data_mesh()
     state = jax.device_put(state, sharding.replicated(mesh))
@@ -100,7 +101,7 @@ def main():
         loop, timed = loop_images_per_sec(_config(name), steps, log_every, skip)
         bare = bare_images_per_sec(_config(name), max(timed // 2, 3))
         config = _config(name)
-        rows.append([name, config.model.arch, config.model.depth, config.data.batch_size, timed, f"{loop:.2f}", f"{bare:.2f}", f"{loop / bare:.3f}"])
+        rows.append([name, config.model.arch, config.model.backbone.depth, config.data.batch_size, timed, f"{loop:.2f}", f"{bare:.2f}", f"{loop / bare:.3f}"])
         print(f"{name}: loop {loop:.2f} img/s, bare step {bare:.2f} img/s", flush=True)
     import datetime
 

@@ -154,13 +154,15 @@ def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", sc
     from frcnn_jax.training.train_step import create_train_state, make_train_step
 
     arch, depth, (h, w), canvas, b, rpn_n, roi_n = spec
-    kw = dict(arch=arch, depth=depth, num_classes=81, rpn_batch_size_per_image=rpn_n, box_batch_size_per_image=roi_n, dtype=dtype)
-    kw.update(remat=remat)
+    kw = {"arch": arch, "backbone.depth": depth, "num_classes": 81, "rpn.assigner.batch_size_per_image": rpn_n,
+          "roi_heads.assigner.batch_size_per_image": roi_n, "dtype": dtype, "remat": remat}  # fmt: skip
     if arch == "fpn":
-        kw.update(pooler_resolution=7, pooler_sampling_ratio=2, rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000)
+        kw.update({"roi_heads.pooler": {"resolution": 7, "sampling_ratio": 2},
+                   "rpn.train": {"pre_nms_top_n": 2000, "post_nms_top_n": 2000}})  # fmt: skip
     if name == "small":
-        kw.update(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=128, anchor_sizes=(32.0, 64.0, 128.0, 256.0, 512.0))
-    cfg = ModelConfig(**kw)
+        kw.update({"rpn.train": {"pre_nms_top_n": 600, "post_nms_top_n": 128},
+                   "anchors.sizes": (32.0, 64.0, 128.0, 256.0, 512.0)})  # fmt: skip
+    cfg = ModelConfig.from_dict(kw)
     model = FasterRCNN(cfg)
     variables = init_variables(model, jax.random.key(0))
     ocfg = OptimConfig(base_lr=1e-3, warmup_steps=0)

@@ -24,7 +24,7 @@ def get_config():
     config.data.canvases = ((800, 1344), (1344, 800))
     config.data.batch_size = 2
     config.data.eval_batch_size = 2
-    config.optim.update(base_lr=0.0025, warmup_steps=50, decay_steps=(300,), total_steps=400)
+    config.optim.update(base_lr=0.0025, warmup_steps=50, decay_steps=(300,))
     config.train.update(num_steps=400, checkpoint_every=100, log_every=10)
     # R-50 at 800x1344 on the CPU: XLA's memory-optimised schedule halves the step's peak
     # (7.6 -> 4.4 GB at batch 2) for ~4 % more time (README, "training-step memory").

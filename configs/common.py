@@ -1,10 +1,11 @@
 """Shared structure of every config: model, data, optim and train sections.
 
 Each config file's `get_config()` starts from `base_config()` and overrides fields.
-The model section holds every `frcnn_jax.modeling.config.ModelConfig` field (defaults:
-maskrcnn-benchmark R-50-C4 on COCO) and optim every `OptimConfig` field, so any of them
-can be overridden on the command line (`--config.model.rpn_nms_thresh=0.6`) and an
-unknown field fails at start.
+The model section holds every `frcnn_jax.modeling.config.ModelConfig` field, nested in
+its sections (backbone, anchors, rpn, roi_heads; defaults: maskrcnn-benchmark R-50-C4 on
+COCO; `model_section(recipe)` starts from another recipe), and optim every `OptimConfig`
+field but the step count (`train.num_steps` is the one), so any of them can be overridden
+on the command line (`--config.model.rpn.nms_thresh=0.6`) and an unknown field fails at start.
 """
 
 import dataclasses
@@ -15,19 +16,28 @@ from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.training.optim import OptimConfig
 
 
-def _fields(cls):
-    out = {}
-    for f in dataclasses.fields(cls):
-        v = f.default
-        out[f.name] = tuple(v) if isinstance(v, (list, tuple)) else v
-    return out
+def _tuples(tree):
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    return tuple(tree) if isinstance(tree, list) else tree
+
+
+def model_section(model: ModelConfig) -> ml_collections.ConfigDict:
+    """`config.model` for a `ModelConfig` (e.g. a recipe: `frcnn_jax.modeling.config.r50_fpn()`)."""
+    return ml_collections.ConfigDict(_tuples(model.to_dict()))
+
+
+def optim_section() -> ml_collections.ConfigDict:
+    """`config.optim`: the `OptimConfig` defaults, without `total_steps` (set from `train.num_steps`)."""
+    fields = {f.name: f.default for f in dataclasses.fields(OptimConfig) if f.name != "total_steps"}
+    return ml_collections.ConfigDict(_tuples(fields))
 
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    config.model = ml_collections.ConfigDict(_fields(ModelConfig))
+    config.model = model_section(ModelConfig())
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "shapes"  # "shapes" | "coco_json" | "tfds"
@@ -49,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(train_annotations="", train_images="", val_annotations="", val_images="")
     )
 
-    config.optim = ml_collections.ConfigDict(_fields(OptimConfig))
+    config.optim = optim_section()
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 180_000

@@ -10,17 +10,18 @@ biases at 2x LR without decay (BIAS_LR_FACTOR 2). Reference: 34.8 box AP
 """
 
 from configs import common
+from frcnn_jax.modeling import config as model_config
 
 
 def get_config():
-    config = common.base_config()  # ModelConfig defaults are this model
-    config.model.update(num_classes=81, freeze_at=2)
+    config = common.base_config()
+    config.model = common.model_section(model_config.r50_c4(num_classes=81))  # the ModelConfig defaults
     config.data.source = "tfds"
     config.data.tfds.update(name="coco/2017", train_split="train", val_split="validation")
     config.data.batch_size = 8
     config.optim.update(
         base_lr=0.01, bias_lr_factor=2.0, weight_decay=1e-4, warmup_steps=500, warmup_factor=1.0 / 3,
-        decay_steps=(120_000, 160_000), total_steps=180_000,
+        decay_steps=(120_000, 160_000),
     )  # fmt: skip
     config.train.update(num_steps=180_000, checkpoint_every=5000, eval_every=20_000)
     return config

@@ -11,28 +11,15 @@ Initialise the backbone from a converted ImageNet ResNet-50:
 """
 
 from configs import common
+from frcnn_jax.modeling import config as model_config
 
 
 def get_config():
     config = common.base_config()
-    config.model.update(
-        arch="fpn",
-        num_classes=81,
-        depth=50,
-        freeze_at=2,
-        anchor_sizes=(32.0, 64.0, 128.0, 256.0, 512.0),
-        rpn_pre_nms_top_n_train=2000,
-        rpn_pre_nms_top_n_test=1000,
-        rpn_post_nms_top_n_train=2000,
-        rpn_post_nms_top_n_test=1000,
-        pooler_resolution=7,
-        pooler_sampling_ratio=2,
-        representation_size=1024,
-        box_batch_size_per_image=512,
-    )
+    config.model = common.model_section(model_config.r50_fpn(num_classes=81))
     config.data.source = "tfds"
     config.data.tfds.update(name="coco/2017", train_split="train", val_split="validation")
     config.data.batch_size = 16
-    config.optim.update(base_lr=0.02, warmup_steps=500, decay_steps=(60_000, 80_000), total_steps=90_000)
+    config.optim.update(base_lr=0.02, warmup_steps=500, decay_steps=(60_000, 80_000))
     config.train.update(num_steps=90_000, checkpoint_every=5000, eval_every=10_000)
     return config

@@ -9,13 +9,9 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    config.model.update(
-        arch="c4",
-        anchor_sizes=(16.0, 32.0, 64.0),
-        pooler_resolution=8,
-        pooler_sampling_ratio=0,
-        rpn_pre_nms_top_n_train=600,
-        rpn_post_nms_top_n_train=128,
-        box_batch_size_per_image=32,
-    )
+    config.model.arch = "c4"
+    config.model.anchors.sizes = (16.0, 32.0, 64.0)
+    config.model.rpn.train.update(pre_nms_top_n=600, post_nms_top_n=128)
+    config.model.roi_heads.pooler.update(resolution=8, sampling_ratio=0)
+    config.model.roi_heads.assigner.batch_size_per_image = 32
     return config

@@ -31,6 +31,7 @@ import numpy as np
 
 from frcnn_jax import model_checkpoint as ckpt
 from frcnn_jax.categories import COCO_CATEGORY_NAMES_91
+from frcnn_jax.modeling import config as model_config
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 
@@ -183,7 +184,11 @@ def check_arch(arch: str, state_dict: dict[str, np.ndarray]):
 
 
 def infer_model_config(arch: str, state_dict: dict[str, np.ndarray], **overrides) -> ModelConfig:
-    """ModelConfig for a detector state dict (class count and anchors read from its shapes)."""
+    """ModelConfig for a detector state dict: the package's recipe (`modeling.config.r50_fpn` / `r50_c4`)
+    with the class count and anchors read from its shapes.
+
+    overrides: dotted ModelConfig fields ("backbone.bn_eps", "anchors.sizes"); None values are ignored.
+    """
     check_arch(arch, state_dict)
     def shape(key):
         if key not in state_dict:
@@ -196,23 +201,21 @@ def infer_model_config(arch: str, state_dict: dict[str, np.ndarray], **overrides
     num_classes = shape("roi_heads.box_predictor.cls_score.weight")[0]
     num_anchors = shape("rpn.head.cls_logits.weight")[0]
     if arch == "fasterrcnn_resnet50_fpn":
-        cfg = dict(
-            arch="fpn", num_classes=num_classes, bn_eps=0.0, pooler_resolution=7, pooler_sampling_ratio=2,
-            rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_train=2000,
-            rpn_post_nms_top_n_test=1000, representation_size=shape("roi_heads.box_head.fc6.weight")[0],
-        )  # fmt: skip
+        recipe = model_config.r50_fpn
+        cfg = {"backbone.bn_eps": 0.0, "roi_heads.representation_size": shape("roi_heads.box_head.fc6.weight")[0]}
         if num_anchors != 3:
             raise ConversionError(f"rpn.head.cls_logits has {num_anchors} anchors per location; torchvision's FPN uses 3")
     else:
         sizes = {15: (32.0, 64.0, 128.0, 256.0, 512.0), 9: (128.0, 256.0, 512.0)}
-        if "anchor_sizes" not in overrides and num_anchors not in sizes:
+        if overrides.get("anchors.sizes") is None and num_anchors not in sizes:
             raise ConversionError(
                 f"rpn.head.cls_logits has {num_anchors} anchors per location; pass --anchor-sizes "
                 f"(3 aspect ratios x len(sizes) must equal {num_anchors})"
             )
-        cfg = dict(arch="c4", num_classes=num_classes, anchor_sizes=sizes.get(num_anchors, ()), bn_eps=1e-5)
+        recipe = model_config.r50_c4
+        cfg = {"anchors.sizes": sizes.get(num_anchors, ()), "backbone.bn_eps": 1e-5}
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    model_cfg = ModelConfig(**cfg)
+    model_cfg = recipe(num_classes=int(num_classes), **cfg)
     if model_cfg.num_anchors_per_location != num_anchors:
         raise ConversionError(
             f"anchor config gives {model_cfg.num_anchors_per_location} anchors per location, "
@@ -225,7 +228,7 @@ def convert_detector(state_dict, arch: str, **overrides) -> tuple[ModelConfig, d
     """torchvision detector state dict -> (ModelConfig, variables)."""
     cfg = infer_model_config(arch, state_dict, **overrides)
     template = jax.tree.map(np.asarray, init_variables(FasterRCNN(cfg), jax.random.key(0)))
-    return cfg, convert_variables(state_dict, template, fc6_side=cfg.pooler_resolution)
+    return cfg, convert_variables(state_dict, template, fc6_side=cfg.roi_heads.pooler.resolution)
 
 
 def convert_resnet(state_dict, depth: int = 50) -> dict:
@@ -272,9 +275,9 @@ def convert(arch: str, checkpoint, out, *, bn_eps: float | None = None, anchor_s
         variables = convert_resnet(sd, 50)
         meta.update(kind="resnet_backbone", depth=50, bn_eps=1e-5 if bn_eps is None else bn_eps)
         return ckpt.save_model(out, variables, None, meta)
-    overrides = {"bn_eps": bn_eps}
+    overrides = {"backbone.bn_eps": bn_eps}
     if anchor_sizes:
-        overrides["anchor_sizes"] = tuple(anchor_sizes)
+        overrides["anchors.sizes"] = tuple(anchor_sizes)
     cfg, variables = convert_detector(sd, arch, **overrides)
     names = class_names_for(cfg.num_classes, class_names)
     meta.update(kind="detector", class_names=names)

@@ -160,7 +160,7 @@ class Detector(BatchedDetector):
       canvases: None (pad to multiples of 32) or a list of (H, W) canvas shapes.
       batch_size: images per compiled call (a partial batch is padded).
       score_threshold: drop detections scoring below this (on top of the model's
-        own `box_score_thresh`).
+        own `roi_heads.postprocess.score_thresh`).
     """
 
     def __init__(

@@ -3,7 +3,7 @@
 A model checkpoint is a directory (what `python -m frcnn_jax.convert` writes, and what
 `Detector.from_checkpoint`, `eval.py` and `predict` read):
 
-    DIR/model.json     {"format": ..., "model": ModelConfig fields, "metadata": {...}}
+    DIR/model.json     {"format": ..., "model": ModelConfig.to_dict() (nested sections), "metadata": {...}}
     DIR/variables/     orbax checkpoint of {"params": ..., "frozen": ...}
 
 A training run's work directory is the other on-disk format (`frcnn_jax.run_checkpoint`):
@@ -31,7 +31,8 @@ import orbax.checkpoint as ocp
 from frcnn_jax import run_checkpoint
 from frcnn_jax.modeling.config import ModelConfig
 
-MODEL_FORMAT = "frcnn_jax.model/1"
+MODEL_FORMAT = "frcnn_jax.model/2"  # 2: the model config in sections (backbone, anchors, rpn, roi_heads)
+_FLAT_CONFIG_FORMAT = "frcnn_jax.model/1"  # 1: a flat model config
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
 
@@ -86,8 +87,14 @@ def read_model_json(directory) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: not a frcnn_jax model checkpoint (no {MODEL_JSON})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if doc.get("format") == _FLAT_CONFIG_FORMAT and doc.get("model") is None:
+        return doc  # a backbone-only checkpoint: no model config, same layout
     if doc.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {doc.get('format')!r}, expected {MODEL_FORMAT!r}")
+        old = doc.get("format") == _FLAT_CONFIG_FORMAT
+        hint = " (written with the flat model config of older versions: convert it again)" if old else ""
+        raise ValueError(
+            f"{path}: unsupported checkpoint format {doc.get('format')!r}, expected {MODEL_FORMAT!r}{hint}"
+        )
     return doc
 
 

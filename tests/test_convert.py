@@ -10,6 +10,7 @@ import pytest
 
 from frcnn_jax import convert
 from frcnn_jax import model_checkpoint as checkpoint
+from frcnn_jax.modeling import config as model_config
 from conftest import REPO
 
 
@@ -28,7 +29,8 @@ def test_fpn_conversion_layouts(fpn_state_dict, tmp_path):
     path, sd = fpn_state_dict
     out = convert.convert("fasterrcnn_resnet50_fpn", path, tmp_path / "ck")
     cfg, v, meta = checkpoint.load_model(out)
-    assert cfg.arch == "fpn" and cfg.num_classes == 91 and cfg.bn_eps == 0.0
+    assert cfg.arch == "fpn" and cfg.num_classes == 91 and cfg.backbone.bn_eps == 0.0
+    assert cfg == model_config.r50_fpn(num_classes=91, **{"backbone.bn_eps": 0.0})  # the package's one recipe
     assert meta["class_names"][1] == "person" and meta["label_to_category_id"]["1"] == 1
     p, f = v["params"], v["frozen"]
     np.testing.assert_array_equal(p["backbone"]["body"]["conv1"]["kernel"], sd["backbone.body.conv1.weight"].transpose(2, 3, 1, 0))
@@ -93,8 +95,9 @@ def test_resnet50_backbone_conversion(torch, torchvision, tmp_path):
     np.testing.assert_array_equal(init["params"]["backbone"]["body"]["layer3"]["5"]["conv2"]["kernel"], v["params"]["layer3"]["5"]["conv2"]["kernel"])
     np.testing.assert_array_equal(init["params"]["roi_heads"]["box_head"]["layer4"]["0"]["downsample_0"]["kernel"], v["params"]["layer4"]["0"]["downsample_0"]["kernel"])
     np.testing.assert_array_equal(init["frozen"]["roi_heads"]["box_head"]["layer4"]["1"]["bn2"]["running_var"], v["frozen"]["layer4"]["1"]["bn2"]["running_var"])
-    config.model.depth = 101
-    with pytest.raises(ValueError, match="ResNet-50 checkpoint cannot initialise model.depth=101"):
+    np.testing.assert_array_equal(init["frozen"]["backbone"]["body"]["bn1"]["running_mean"], v["frozen"]["bn1"]["running_mean"])
+    config.model.backbone.depth = 101
+    with pytest.raises(ValueError, match="ResNet-50 checkpoint cannot initialise model.backbone.depth=101"):
         _init_variables(FasterRCNN(ModelConfig.from_dict(config.model.to_dict())), config, 0)
 
 

@@ -39,7 +39,7 @@ def test_coco128_counts_and_empty_images(coco128):
 
 def test_coco128_category_mapping(coco128):
     source, raw = coco128
-    assert source.num_classes == 80
+    assert source.num_object_classes == 80
     assert list(source.label_to_category_id.values()) == list(COCO_CATEGORY_IDS)  # sorted ids, gaps kept
     assert source.class_names[0] == "person" and source.class_names[-1] == "toothbrush"
     for label, cid in source.label_to_category_id.items():

@@ -34,11 +34,11 @@ def test_deterministic_and_splits_differ():
 
 def test_records_valid_and_in_range(rendered):
     ds, items = rendered
-    assert ds.num_classes == len(ds.class_names) == len(SHAPE_NAMES)
-    assert ds.label_to_category_id == {i: i for i in range(1, ds.num_classes + 1)}
+    assert ds.num_object_classes == len(ds.class_names) == len(SHAPE_NAMES)
+    assert ds.label_to_category_id == {i: i for i in range(1, ds.num_object_classes + 1)}
     counts, all_labels, sizes = [], [], []
     for ex, _ in items:
-        validate_example(ex, ds.num_classes)
+        validate_example(ex, ds.num_object_classes)
         assert ex["image"].shape == (128, 128, 3)
         b = ex["boxes"]
         assert np.all(b >= 0) and np.all(b[:, [0, 2]] <= 128) and np.all(b[:, [1, 3]] <= 128)
@@ -50,7 +50,7 @@ def test_records_valid_and_in_range(rendered):
     sizes = np.concatenate(sizes)
     assert min(counts) >= 1 and max(counts) <= 5
     assert set(np.bincount(counts)[1:].nonzero()[0] + 1) == {1, 2, 3, 4, 5}
-    assert set(all_labels) == set(range(1, ds.num_classes + 1))
+    assert set(all_labels) == set(range(1, ds.num_object_classes + 1))
     assert sizes.max() <= 64 and sizes.min() >= 1
     assert np.percentile(sizes, 10) < 20 and np.percentile(sizes, 90) > 40  # small to large
 
@@ -96,7 +96,7 @@ def test_overlap_limited_and_never_hidden(rendered):
 def test_options_and_errors():
     ds = ShapesDataset("val", num_images=3, image_size=(64, 96), min_objects=2, max_objects=2, min_size=8,
                        max_size=24, classes=("cross", "circle"))
-    assert ds.class_names == ["cross", "circle"] and ds.num_classes == 2 and len(ds) == 3
+    assert ds.class_names == ["cross", "circle"] and ds.num_object_classes == 2 and len(ds) == 3
     for i in range(3):
         ex = ds[i]
         assert ex["image"].shape == (64, 96, 3) and len(ex["boxes"]) == 2

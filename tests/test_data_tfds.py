@@ -151,7 +151,7 @@ def tiny_tfds(shared, tmp_path_factory):
 def test_coco_records(tiny_tfds):
     data_dir, images_dir, images, by_image = tiny_tfds
     source = TfdsSource("coco/2017", "validation", data_dir=str(data_dir))
-    assert len(source) == len(COCO_IMAGE_IDS) and source.num_classes == 80
+    assert len(source) == len(COCO_IMAGE_IDS) and source.num_object_classes == 80
     assert source.label_to_category_id == {i + 1: c for i, c in enumerate(COCO_CATEGORY_IDS)}
     assert source.class_names[0] == "person"
     records = {ex["image_id"]: ex for ex in (source[i] for i in range(len(source)))}  # tfds shuffles by key
@@ -191,7 +191,7 @@ def test_coco_gt_from_tfds(tiny_tfds):
 def test_voc_records_and_gt(tiny_tfds):
     data_dir, _, _, _ = tiny_tfds
     source = TfdsSource("voc/2007", "test", data_dir=str(data_dir))
-    assert len(source) == 2 and source.num_classes == 20
+    assert len(source) == 2 and source.num_object_classes == 20
     assert source.class_names == list(VOC_CLASS_NAMES) and source.label_to_category_id[20] == 20
     by_id = {source[i]["image_id"]: source[i] for i in range(2)}
     assert set(by_id) == {9, 25}  # ids from the file names
@@ -247,7 +247,10 @@ def test_voc_model_evaluation_reports_both_voc_metrics(tiny_tfds):
     config.data.tfds.data_dir = str(tiny_tfds[0])
     config.data.eval_batch_size = 2
     source = builder.build_source(config.data, "val")
-    small = dict(depth=18, width=8, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50, pooler_resolution=6, box_score_thresh=0.0)
+    small = {
+        "backbone.depth": 18, "backbone.width": 8, "rpn.test.pre_nms_top_n": 200, "rpn.test.post_nms_top_n": 50,
+        "roi_heads.pooler.resolution": 6, "roi_heads.postprocess.score_thresh": 0.0,
+    }  # fmt: skip
     model = FasterRCNN(ModelConfig.from_dict({**config.model.to_dict(), **small}))
     variables = init_variables(model, jax.random.key(0))
     coco, voc = evaluate_model(model, variables, source, config, voc=True, progress=False)

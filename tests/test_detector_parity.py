@@ -16,6 +16,7 @@ float32 run differs from its float64 run by as much (measured on this image:
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
@@ -69,7 +70,7 @@ def pair(request, torch, shared, tmp_path_factory):
     name = "fasterrcnn_resnet50_c4" if arch == "c4" else "fasterrcnn_resnet50_fpn"
     out = convert.convert(name, tmp / "model.pth", tmp / "ckpt")
     cfg, variables, meta = checkpoint.load_model(out)
-    cfg = cfg.replace(box_score_thresh=0.01, detections_per_img=300)
+    cfg = cfg.updated({"roi_heads.postprocess": {"score_thresh": 0.01, "detections_per_img": 300}})
     with torch.no_grad():
         feats = model.backbone(images.tensors)
         proposals, _ = model.rpn(images, feats)
@@ -92,7 +93,7 @@ def test_features_and_rpn_head(pair, torch):
         assert _rel(got, ref.permute(0, 2, 3, 1).numpy()) <= 1e-4
     # RPN head on the same (torchvision) features
     tv_feats = [jnp.asarray(f.permute(0, 2, 3, 1).numpy()) for f in ref_feats]
-    obj, deltas = jax.jit(lambda v, f: m.apply(v, f, method=FasterRCNN.rpn_outputs))(pair["variables"], tv_feats)
+    obj, deltas = jax.jit(lambda v, f: m.apply(v, f, method=lambda m, f: m.rpn(f)))(pair["variables"], tv_feats)
     with torch.no_grad():
         ref_obj, ref_deltas = tr.rpn_head_outputs(pair["tv"], pair["feats"])
     for lvl in range(len(ref_obj)):
@@ -107,17 +108,18 @@ def test_proposals_from_same_rpn_outputs(pair, torch):
     with torch.no_grad():
         obj, deltas = tr.rpn_head_outputs(pair["tv"], pair["feats"])
     hws = [tuple(f.shape[-2:]) for f in pair["feats"].values()]
-    anchors = level_anchors((800, 1088), hws, cfg.level_anchor_sizes(), cfg.aspect_ratios)
+    anchors = level_anchors((800, 1088), hws, cfg.level_anchor_sizes(), cfg.anchors.aspect_ratios)
+    rpn = cfg.rpn
     fn = jax.jit(
         lambda o, d, s: select_proposals(
-            o, d, anchors, s, pre_nms_top_n=cfg.rpn_pre_nms_top_n_test, post_nms_top_n=cfg.rpn_post_nms_top_n_test,
-            nms_thresh=cfg.rpn_nms_thresh, min_size=cfg.rpn_min_size, score_thresh=cfg.rpn_score_thresh,
+            o, d, anchors, s, pre_nms_top_n=rpn.test.pre_nms_top_n, post_nms_top_n=rpn.test.post_nms_top_n,
+            nms_thresh=rpn.nms_thresh, min_size=rpn.min_size, score_thresh=rpn.score_thresh,
         )
     )  # fmt: skip
     boxes, scores, valid = fn([o[0] for o in obj], [d[0] for d in deltas], jnp.array(pair["images"].image_sizes[0]))
     boxes, valid = np.asarray(boxes), np.asarray(valid)
     ref = pair["proposals"][0].numpy()
-    assert valid.sum() == len(ref) == cfg.rpn_post_nms_top_n_test
+    assert valid.sum() == len(ref) == rpn.test.post_nms_top_n
     # torchvision returns no proposal scores: the kept boxes must coincide, both ways.
     # The rare differences are NMS near-ties: a box whose IoU with a kept box is within
     # float32 rounding of 0.7, or two proposals with equal sigmoid scores.
@@ -136,11 +138,10 @@ def test_detections_from_same_features_and_proposals(pair, torch):
     size = jnp.array(pair["images"].image_sizes[0])
 
     def run(v, f, p):
-        logits, deltas = m.apply(v, f, p, (800, 1088), method=FasterRCNN.box_predictions)
+        logits, deltas = m.apply(v, f, p, (800, 1088), method=lambda m, f, p, hw: m.roi_heads(f, p, hw))
         return postprocess_detections(
-            logits[0], deltas[0], p[0], jnp.ones(p.shape[1], bool), size, bbox_reg_weights=cfg.bbox_reg_weights,
-            score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
-            detections_per_img=cfg.detections_per_img, min_size=cfg.box_min_size,
+            logits[0], deltas[0], p[0], jnp.ones(p.shape[1], bool), size,
+            bbox_reg_weights=cfg.roi_heads.bbox_reg_weights, **dataclasses.asdict(cfg.roi_heads.postprocess),
         )  # fmt: skip
 
     out = jax.device_get(jax.jit(run)(pair["variables"], feats, props))

@@ -323,7 +323,7 @@ def test_evaluate_voc_iou_convention_no_plus_one():
 
 def test_evaluate_voc_validates_inputs():
     gts = [_img([[0, 0, 10, 10]], [1])]
-    with pytest.raises(ValueError, match="num_classes counts foreground classes only"):
+    with pytest.raises(ValueError, match="num_object_classes counts foreground classes only"):
         evaluate_voc(gts, [_det([], [], [])], 21, [f"c{i}" for i in range(20)])
     with pytest.raises(ValueError, match="labels outside 1..1"):
         evaluate_voc(gts, [_det([[0, 0, 1, 1]], [0.5], [2])], 1)

@@ -30,7 +30,7 @@ from frcnn_jax import export as fexport
 from frcnn_jax import model_checkpoint
 from frcnn_jax.detector import Detector
 from frcnn_jax.export import __main__ as cli
-from frcnn_jax.modeling.config import ModelConfig
+from frcnn_jax.modeling.config import ModelConfig, r50_fpn
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 from test_conv import cpu_conv_dots
 from test_train_step import TINY
@@ -38,10 +38,8 @@ from test_train_step import TINY
 PHOTOS = ("000000000009.jpg", "000000000042.jpg")  # 640x480 and 640x478: both resize to 320x42x
 MIN_SIZE, MAX_SIZE = 320, 448
 CANVAS = (320, 448)
-R50_FPN = ModelConfig(
-    arch="fpn", num_classes=91, bn_eps=0.0, pooler_resolution=7, pooler_sampling_ratio=2, rpn_pre_nms_top_n_test=1000,
-    rpn_post_nms_top_n_test=1000,
-)  # fmt: skip  (what `frcnn_jax.convert` infers for torchvision's fasterrcnn_resnet50_fpn)
+# what `frcnn_jax.convert` infers for torchvision's fasterrcnn_resnet50_fpn
+R50_FPN = r50_fpn(num_classes=91, **{"backbone.bn_eps": 0.0})
 
 
 # --- a converted R-50-FPN, its artifact and the loader's detections (shared by the module) ----
@@ -224,8 +222,10 @@ def test_unusable_checkpoints_are_one_error_line(capsys, tmp_path):
 
 
 def test_bfloat16_multi_canvas_export_runs_and_gives_valid_detections(tmp_path, capsys):
-    cfg = ModelConfig(**dict(TINY, arch="fpn", anchor_sizes=(16.0, 32.0, 64.0, 128.0, 256.0), fpn_channels=32,
-                             representation_size=32, box_score_thresh=0.0))  # fmt: skip
+    cfg = ModelConfig.from_dict({
+        **TINY, "arch": "fpn", "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0), "backbone.fpn_channels": 32,
+        "roi_heads.representation_size": 32, "roi_heads.postprocess.score_thresh": 0.0,
+    })  # fmt: skip
     variables = init_variables(FasterRCNN(cfg), jax.random.key(0))
     ckpt = model_checkpoint.save_model(tmp_path / "ckpt", variables, cfg, {"class_names": ["__background__", "a", "b", "c"]})
     out = tmp_path / "serve" / "tiny.jaxexport"
@@ -247,7 +247,7 @@ def test_bfloat16_multi_canvas_export_runs_and_gives_valid_detections(tmp_path, 
     results = det(images)
     for image, r in zip(images, results):
         h, w = image.shape[:2]
-        assert 0 < len(r["scores"]) <= cfg.detections_per_img
+        assert 0 < len(r["scores"]) <= cfg.roi_heads.postprocess.detections_per_img
         assert r["boxes"].dtype == np.float32 and r["scores"].dtype == np.float32 and r["labels"].dtype == np.int32
         assert np.isfinite(r["boxes"]).all() and (r["boxes"][:, :2] <= r["boxes"][:, 2:]).all()
         assert (r["boxes"] >= 0).all() and (r["boxes"][:, 2] <= w + 1e-3).all() and (r["boxes"][:, 3] <= h + 1e-3).all()
@@ -287,16 +287,17 @@ def test_r50_fpn_forward_lowers_for_cuda_and_tpu_without_the_cpu_conv_path(dtype
 def test_sharded_r50_fpn_train_step_lowers_for_cuda_and_tpu():
     """The whole training step as train.py jits it (8 devices, batch sharded, state replicated):
     its cuda/tpu program has XLA's convolution gradients only, the CPU one per-tap kernel gradients."""
+    from frcnn_jax.modeling.param_paths import frozen_param_paths
     from frcnn_jax.training import sharding
     from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
-    from frcnn_jax.training.train_step import create_train_state, make_train_step, trainable_frozen_prefixes
+    from frcnn_jax.training.train_step import create_train_state, make_train_step
 
     assert jax.device_count() == 8
     model = FasterRCNN(R50_FPN)
     ocfg = OptimConfig(base_lr=0.02, warmup_steps=2, decay_steps=(50,), total_steps=100)
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
     state = _abstract(jax.eval_shape(lambda: create_train_state(model, variables, ocfg, 0)[0]))
-    tx = make_optimizer(ocfg, variables["params"], trainable_frozen_prefixes(model))
+    tx = make_optimizer(ocfg, variables["params"], frozen_param_paths(model.cfg))
     step = sharding.shard_train_step(make_train_step(model, tx, learning_rate_schedule(ocfg)), sharding.data_mesh(), state)
     b, hw, g = 8, 256, 4
     batch = {

@@ -13,34 +13,66 @@ from frcnn_jax.modeling.fpn import upsample_nearest
 from frcnn_jax.modeling.poolers import fpn_levels
 from helpers import random_boxes
 
-SMALL = dict(
-    depth=18, width=8, num_classes=4, fpn_channels=16, representation_size=32, rpn_pre_nms_top_n_test=100,
-    rpn_post_nms_top_n_test=20, detections_per_img=10, pooler_resolution=7, pooler_sampling_ratio=2,
-)  # fmt: skip
+SMALL = {  # dotted ModelConfig fields (`ModelConfig.from_dict`)
+    "num_classes": 4, "backbone": {"depth": 18, "width": 8, "fpn_channels": 16}, "roi_heads.representation_size": 32,
+    "rpn.test": {"pre_nms_top_n": 100, "post_nms_top_n": 20}, "roi_heads.postprocess.detections_per_img": 10,
+    "roi_heads.pooler": {"resolution": 7, "sampling_ratio": 2},
+}  # fmt: skip
+
+
+def small(arch: str, **dotted) -> ModelConfig:
+    return ModelConfig.from_dict({**SMALL, "arch": arch, **dotted})
 
 
 @pytest.mark.parametrize(
     "changes,match",
     [
-        (dict(arch="c5"), "model.arch"),
-        (dict(depth=42), "model.depth"),
-        (dict(num_classes=1), "model.num_classes"),
-        (dict(rpn_nms_thresh=1.5), "model.rpn_nms_thresh"),
-        (dict(arch="fpn", anchor_sizes=(32.0, 64.0)), "FPN needs exactly 5 sizes"),
-        (dict(rpn_bg_iou_thresh=0.8), "rpn_bg_iou_thresh"),
-        (dict(dtype="float16"), "model.dtype"),
+        ({"arch": "c5"}, "model.arch"),
+        ({"backbone.depth": 42}, "model.backbone.depth"),
+        ({"num_classes": 1}, "model.num_classes"),
+        ({"rpn.nms_thresh": 1.5}, "model.rpn.nms_thresh"),
+        ({"arch": "fpn", "anchors.sizes": (32.0, 64.0)}, "FPN needs exactly 5 sizes"),
+        ({"rpn.assigner.bg_iou_thresh": 0.8}, "model.rpn.assigner.bg_iou_thresh"),
+        ({"roi_heads.postprocess.detections_per_img": 0}, "model.roi_heads.postprocess.detections_per_img"),
+        ({"dtype": "float16"}, "model.dtype"),
     ],
 )
 def test_model_config_rejects_bad_values(changes, match):
     with pytest.raises(ValueError, match=match):
-        ModelConfig(**changes)
+        ModelConfig.from_dict(changes)
 
 
 def test_model_config_from_dict_rejects_unknown_fields():
-    with pytest.raises(ValueError, match="unknown model config field.*anchor_size"):
-        ModelConfig.from_dict({"anchor_size": [32]})
-    cfg = ModelConfig.from_dict({"anchor_sizes": [128, 256, 512]})
+    with pytest.raises(ValueError, match="unknown config field.*model.anchors.size;.*fields of model.anchors: sizes"):
+        ModelConfig.from_dict({"anchors": {"size": [32]}})
+    with pytest.raises(ValueError, match="unknown config field.*model.anchor_sizes"):
+        ModelConfig.from_dict({"anchor_sizes": [32]})
+    with pytest.raises(ValueError, match="model.rpn.train=.*a section"):
+        ModelConfig.from_dict({"rpn.train": 12})
+    cfg = ModelConfig.from_dict({"anchors": {"sizes": [128, 256, 512]}})
     assert cfg.num_anchors_per_location == 9  # the slides' VOC C4: cls_logits 9, bbox_pred 36
+    # nested and dotted keys say the same; to_dict round-trips (lists for tuples, as JSON)
+    assert ModelConfig.from_dict({"anchors.sizes": (128, 256, 512)}) == cfg
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["anchors"]["sizes"] == [128.0, 256.0, 512.0]
+    # the defaults of a partly given section stay (rpn.train keeps its post_nms_top_n)
+    assert ModelConfig.from_dict({"rpn.train.pre_nms_top_n": 5}).rpn.train.post_nms_top_n == 2000
+
+
+def test_config_files_build_their_model_config():
+    """Every configs/*.py model section is a valid nested ModelConfig; overrides work in the dotted style."""
+    import importlib
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO))
+    for name in ("default", "shapes_c4", "r50_c4_coco", "r50_c4_voc", "r50_fpn_coco", "coco128_fpn"):
+        config = importlib.import_module(f"configs.{name}").get_config()
+        cfg = ModelConfig.from_dict(config.model.to_dict())
+        assert cfg.num_classes >= 2 and "total_steps" not in config.optim
+    config = importlib.import_module("configs.r50_fpn_coco").get_config()
+    config.model.rpn.nms_thresh = 0.6
+    assert ModelConfig.from_dict(config.model.to_dict()).rpn.nms_thresh == 0.6
 
 
 @pytest.mark.parametrize("in_hw,out_hw", [((4, 5), (8, 10)), ((3, 5), (7, 9)), ((25, 34), (50, 68)), ((5, 6), (15, 12))])
@@ -61,7 +93,7 @@ def test_fpn_levels_match_torchvision(torch):
 
 @pytest.mark.parametrize("arch", ["c4", "fpn"])
 def test_bfloat16_forward_and_batching(arch):
-    cfg = ModelConfig(arch=arch, **SMALL)
+    cfg = small(arch)
     model = FasterRCNN(cfg)
     v = init_variables(model, jax.random.key(0))
     rng = np.random.default_rng(2)
@@ -88,7 +120,7 @@ def test_detector_api_inputs_and_rescaling(tmp_path):
     from frcnn_jax import model_checkpoint as checkpoint
     from frcnn_jax.detector import Detector
 
-    cfg = ModelConfig(arch="fpn", **SMALL).replace(box_score_thresh=0.0)
+    cfg = small("fpn", **{"roi_heads.postprocess.score_thresh": 0.0})
     v = init_variables(FasterRCNN(cfg), jax.random.key(0))
     path = checkpoint.save_model(tmp_path / "m", v, cfg, {"class_names": ["bg", "a", "b", "c"]})
     det = Detector.from_checkpoint(path, min_size=64, max_size=96, batch_size=2)
@@ -109,3 +141,16 @@ def test_detector_api_inputs_and_rescaling(tmp_path):
             det(bad)
     with pytest.raises(ValueError, match="multiples of 32"):
         Detector(cfg, v, canvases=[(100, 100)])
+
+
+def test_flat_config_checkpoints_are_refused_with_a_hint(tmp_path):
+    import json
+
+    from frcnn_jax import model_checkpoint as checkpoint
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.json").write_text(json.dumps({"format": "frcnn_jax.model/1", "model": {"depth": 50}}))
+    with pytest.raises(ValueError, match="frcnn_jax.model/1.*flat model config of older versions: convert it again"):
+        checkpoint.read_model_json(tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text(json.dumps({"format": "frcnn_jax.model/1", "model": None}))
+    assert checkpoint.read_model_json(tmp_path / "m")["model"] is None  # a backbone: no model config to read

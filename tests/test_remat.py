@@ -17,19 +17,19 @@ import pytest
 
 from frcnn_jax.modeling import conv
 from frcnn_jax.modeling.config import REMAT_PARTS, ModelConfig
-from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
-from frcnn_jax.training.train_step import LOSS_NAMES, compute_losses
+from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES, FasterRCNN, init_variables
+from frcnn_jax.training.train_step import compute_losses
 from test_train_step import TINY, tiny_batch
 
 # Every layer trains (freeze_at=0) and no residual branch starts at zero, so every
 # gradient is non-trivial. FPN: 128 channels, so that (with `_custom_conv_vjp`) its 3x3
 # convs and the RPN conv take conv.py's custom-VJP kernel gradient.
 CONFIGS = {
-    "c4": dict(TINY, zero_init_residual=False),
-    "fpn": dict(
-        TINY, arch="fpn", zero_init_residual=False, anchor_sizes=(16.0, 32.0, 64.0, 128.0, 256.0),
-        fpn_channels=128, representation_size=32,
-    ),  # fmt: skip
+    "c4": {**TINY, "backbone.zero_init_residual": False},
+    "fpn": {
+        **TINY, "arch": "fpn", "backbone.zero_init_residual": False, "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0),
+        "backbone.fpn_channels": 128, "roi_heads.representation_size": 32,
+    },  # fmt: skip
 }
 KEY = jax.random.key(3)
 
@@ -61,7 +61,7 @@ def _losses_and_grads(cfg: ModelConfig, variables, batch):
 @functools.lru_cache(maxsize=None)
 def _reference(arch: str):
     """(variables, losses, grads, gradient jaxpr) of the "none" setting, once per arch."""
-    cfg = ModelConfig(**CONFIGS[arch])
+    cfg = ModelConfig.from_dict(CONFIGS[arch])
     variables = init_variables(FasterRCNN(cfg), jax.random.key(0))
     return (variables, *_losses_and_grads(cfg, variables, tiny_batch(b=2)))
 
@@ -82,7 +82,7 @@ def _abstract_variables(cfg: ModelConfig):
 
 @pytest.mark.parametrize("arch", ["c4", "fpn"])
 def test_remat_keeps_the_parameter_tree(arch):
-    trees = {r: _abstract_variables(ModelConfig(**CONFIGS[arch], remat=r)) for r in REMAT_PARTS}
+    trees = {r: _abstract_variables(ModelConfig.from_dict({**CONFIGS[arch], "remat": r})) for r in REMAT_PARTS}
     assert all(t == trees["none"] for t in trees.values())  # same paths, shapes and dtypes
     assert any("backbone']['body']['layer2']['0']['conv1']['kernel']" in p for p in trees["none"])
 
@@ -90,7 +90,8 @@ def test_remat_keeps_the_parameter_tree(arch):
 @pytest.mark.parametrize("arch,remat", [("fpn", "backbone"), ("fpn", "all"), ("c4", "all")])
 def test_remat_keeps_losses_and_gradients(arch, remat):
     variables, ref_losses, ref_grads, ref_jaxpr = _reference(arch)
-    losses, grads, jaxpr = _losses_and_grads(ModelConfig(**CONFIGS[arch], remat=remat), variables, tiny_batch(b=2))
+    cfg = ModelConfig.from_dict({**CONFIGS[arch], "remat": remat})
+    losses, grads, jaxpr = _losses_and_grads(cfg, variables, tiny_batch(b=2))
     for name in LOSS_NAMES:
         np.testing.assert_allclose(losses[name], ref_losses[name], rtol=1e-5, err_msg=name)
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(ref_grads["backbone"]))  # a non-trivial check
@@ -105,7 +106,7 @@ def test_remat_keeps_losses_and_gradients(arch, remat):
 
 
 def test_remat_leaves_inference_unchanged():
-    cfg = ModelConfig(**CONFIGS["fpn"])
+    cfg = ModelConfig.from_dict(CONFIGS["fpn"])
     variables = _reference("fpn")[0]
     images = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
     sizes = np.array([[64, 64]], np.int32)

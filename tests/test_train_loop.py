@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES
 
 sys.path.insert(0, str(REPO))
 import tiny_config as tiny_config_lib  # noqa: E402
@@ -40,7 +41,7 @@ def test_train_outputs_and_exact_resume(tmp_path):
         assert (a / name).stat().st_size > 0
     rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "lr", "images_per_sec"} <= set(rows[0])
+    assert {*LOSS_NAMES, "lr", "images_per_sec"} <= set(rows[0])
     assert [r["step"] for r in rows if "eval/AP" in r] == [4, 6]  # periodic and final evaluation
     assert list((a / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (a / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
@@ -122,6 +123,6 @@ def test_resume_with_other_anchors_is_refused(tmp_path):
     config.train.num_steps = 1
     config.train.visualize = 0
     train_and_evaluate(config, tmp_path / "w", stop_after_steps=1)
-    config.model.aspect_ratios = (1.0,)
-    with pytest.raises(ValueError, match="different model config.*aspect_ratios"):
+    config.model.anchors.aspect_ratios = (1.0,)
+    with pytest.raises(ValueError, match="different model config.*model.anchors.aspect_ratios"):
         train_and_evaluate(config, tmp_path / "w")

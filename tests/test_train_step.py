@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 
 from frcnn_jax.modeling.config import ModelConfig
-from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
+from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES, FasterRCNN, init_variables
 from frcnn_jax.training import sharding
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer, param_labels
-from frcnn_jax.training.train_step import LOSS_NAMES, create_train_state, make_train_step
+from frcnn_jax.training.train_step import create_train_state, make_train_step
 
-TINY = dict(
-    num_classes=4, depth=18, width=8, freeze_at=0, zero_init_residual=True, anchor_sizes=(16.0, 32.0, 64.0),
-    rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=32, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=16,
-    rpn_batch_size_per_image=64, pooler_resolution=6, pooler_sampling_ratio=2, box_batch_size_per_image=16,
-    detections_per_img=10,
-)  # fmt: skip
+TINY = {  # dotted ModelConfig fields (`ModelConfig.from_dict`)
+    "num_classes": 4, "backbone.depth": 18, "backbone.width": 8, "backbone.freeze_at": 0,
+    "backbone.zero_init_residual": True, "anchors.sizes": (16.0, 32.0, 64.0),
+    "rpn.train": {"pre_nms_top_n": 200, "post_nms_top_n": 32}, "rpn.test": {"pre_nms_top_n": 100, "post_nms_top_n": 16},
+    "rpn.assigner.batch_size_per_image": 64, "roi_heads.pooler": {"resolution": 6, "sampling_ratio": 2},
+    "roi_heads.assigner.batch_size_per_image": 16, "roi_heads.postprocess.detections_per_img": 10,
+}  # fmt: skip
 
 
 def tiny_batch(b=8, size=64, seed=0):
@@ -45,7 +46,7 @@ def tiny_batch(b=8, size=64, seed=0):
 
 @pytest.fixture(scope="module")
 def setup():
-    model = FasterRCNN(ModelConfig(**TINY))
+    model = FasterRCNN(ModelConfig.from_dict(TINY))
     variables = init_variables(model, jax.random.key(0))
     ocfg = OptimConfig(base_lr=0.02, warmup_steps=2, decay_steps=(50,), total_steps=100)
     state, tx = create_train_state(model, variables, ocfg, seed=0)
@@ -116,5 +117,5 @@ def test_optimizer_masks_and_schedule():
 def test_bad_optim_config(field, value, match):
     with pytest.raises(ValueError, match=match):
         OptimConfig(**{field: value})
-    with pytest.raises(ValueError, match="unknown optim config field"):
+    with pytest.raises(ValueError, match="unknown config field.*optim.lr"):
         OptimConfig.from_dict({"lr": 0.1})

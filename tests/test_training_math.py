@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from frcnn_jax import ops
-from frcnn_jax.modeling.box_head import box_head_loss
-from frcnn_jax.modeling.rpn import rpn_loss
-from frcnn_jax.training.matcher import match
-from frcnn_jax.training.sampler import sample_balanced, sampled_indices
-from frcnn_jax.training.targets import box_head_targets, rpn_targets
+from frcnn_jax.modeling.matcher import match
+from frcnn_jax.modeling.roi_heads import box_head_loss, box_head_targets
+from frcnn_jax.modeling.rpn import rpn_loss, rpn_targets
+from frcnn_jax.modeling.sampler import sample_balanced, sampled_indices
 from helpers import random_boxes
 
 

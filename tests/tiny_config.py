@@ -9,17 +9,15 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    config.model.width = 8
-    config.model.fpn_channels = 16
-    config.model.representation_size = 32
-    config.model.rpn_post_nms_top_n_train = 32
-    config.model.box_batch_size_per_image = 16
+    config.model.backbone.update(width=8, fpn_channels=16)
+    config.model.roi_heads.representation_size = 32
+    config.model.rpn.train.post_nms_top_n = 32
+    config.model.roi_heads.assigner.batch_size_per_image = 16
     config.data.batch_size = 8
     config.data.eval_batch_size = 8
     config.data.shapes.num_val = 8
     config.optim.warmup_steps = 2
     config.optim.decay_steps = (4,)
-    config.optim.total_steps = 6
     config.train.num_steps = 6
     config.train.checkpoint_every = 2
     config.train.log_every = 1

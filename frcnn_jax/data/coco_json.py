@@ -112,7 +112,8 @@ class CocoJsonSource:
       image_dir: folder holding the images' `file_name`s.
 
     Attributes:
-      num_classes, class_names, label_to_category_id, category_id_to_label: category maps.
+      num_object_classes (without background), class_names, label_to_category_id,
+      category_id_to_label: category maps.
       image_ids: int64 [len] image id of each record.
       stats: {"dropped": n, "clipped": n} counts of the bad boxes handled (see module doc).
     """
@@ -130,7 +131,7 @@ class CocoJsonSource:
         if len(set(cat_ids)) != len(cat_ids):
             raise ValueError(f"{path}: duplicate category ids in 'categories'")
         self.class_names = [str(c["name"]) for c in categories]
-        self.num_classes = len(categories)
+        self.num_object_classes = len(categories)
         self.label_to_category_id = {i + 1: cid for i, cid in enumerate(cat_ids)}
         self.category_id_to_label = {cid: i + 1 for i, cid in enumerate(cat_ids)}
 

@@ -6,13 +6,14 @@
 | --- | --- |
 | "image" | uint8 [H, W, 3] RGB |
 | "boxes" | float32 [N, 4] (x1, y1, x2, y2), original image pixels, width = x2 - x1 (no "+1") |
-| "labels" | int32 [N] contiguous labels 1..num_classes (0 is background, never a label) |
+| "labels" | int32 [N] contiguous labels 1..num_object_classes (0 is background, never a label) |
 | "is_crowd" | bool [N] (COCO crowd regions; False elsewhere) |
 | "difficult" | bool [N] (VOC "difficult"; False elsewhere) |
 | "image_id" | int, the dataset's own id (COCO image id; the index for shapes) |
 
-Every source also has `num_classes` (without background), `class_names` (index i - 1 for
-label i), `label_to_category_id` (label -> the dataset's category id) and `coco_gt()`
+Every source also has `num_object_classes` (the object classes, WITHOUT background; the
+model's `num_classes` counts background too: num_object_classes + 1), `class_names` (index
+i - 1 for label i), `label_to_category_id` (label -> the dataset's category id) and `coco_gt()`
 (COCO-format ground truth for evaluation, see `coco_gt.py`).
 """
 
@@ -47,13 +48,13 @@ def make_example(image, boxes, labels, image_id, is_crowd=None, difficult=None) 
     }
 
 
-def validate_example(example: dict, num_classes: int | None = None) -> None:
+def validate_example(example: dict, num_object_classes: int | None = None) -> None:
     """Checks a record's keys, shapes, dtypes and values.
 
     Raises:
       ValueError naming the image id and the offending field: missing keys, an image that
       is not uint8 [H, W, 3], boxes not float32 [N, 4], per-box arrays of another length
-      or dtype, non-finite or inverted boxes, labels outside 1..num_classes.
+      or dtype, non-finite or inverted boxes, labels outside 1..num_object_classes.
     """
     missing = [k for k in EXAMPLE_KEYS if k not in example]
     if missing:
@@ -76,7 +77,7 @@ def validate_example(example: dict, num_classes: int | None = None) -> None:
     if np.any(boxes[:, 2:] < boxes[:, :2]):
         raise ValueError(f"{where}: 'boxes' has inverted boxes (x2 < x1 or y2 < y1)")
     labels = example["labels"]
-    if n and (labels.min() < 1 or (num_classes is not None and labels.max() > num_classes)):
-        raise ValueError(f"{where}: 'labels' must lie in 1..{num_classes}, got {labels.min()}..{labels.max()}")
+    if n and (labels.min() < 1 or (num_object_classes is not None and labels.max() > num_object_classes)):
+        raise ValueError(f"{where}: 'labels' must lie in 1..{num_object_classes}, got {labels.min()}..{labels.max()}")
     if not isinstance(example["image_id"], (int, np.integer)):
         raise ValueError(f"{where}: 'image_id' must be an int, got {type(example['image_id'])}")

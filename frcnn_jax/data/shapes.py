@@ -167,8 +167,8 @@ class ShapesDataset:
         self.max_iou = float(max_iou)
         self.max_aspect = float(max_aspect)
         self.class_names = list(classes)
-        self.num_classes = len(self.class_names)
-        self.label_to_category_id = {i + 1: i + 1 for i in range(self.num_classes)}
+        self.num_object_classes = len(self.class_names)
+        self.label_to_category_id = {i + 1: i + 1 for i in range(self.num_object_classes)}
 
     def __len__(self) -> int:
         return self.num_images
@@ -206,7 +206,7 @@ class ShapesDataset:
         for k in range(target):
             tries = 100 if k < self.min_objects else 25
             for _ in range(tries):
-                cls = int(rng.integers(self.num_classes))
+                cls = int(rng.integers(self.num_object_classes))
                 size = math.exp(rng.uniform(math.log(self.min_size), math.log(self.max_size)))
                 aspect = math.exp(rng.uniform(-log_aspect, log_aspect))
                 w = min(max(size * math.sqrt(aspect), self.min_size), self.max_size)

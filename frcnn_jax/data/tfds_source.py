@@ -140,7 +140,7 @@ class TfdsSource:
             )
         # Builders that did not record names store "0", "1", ...: use the official names then.
         self.class_names = official if all(n.isdigit() for n in label_names) else label_names
-        self.num_classes = len(self.class_names)
+        self.num_object_classes = len(self.class_names)
 
     def __len__(self) -> int:
         return len(self._ds)

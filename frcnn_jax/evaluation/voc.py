@@ -124,7 +124,7 @@ def _check_length(name, arr, n):
 def evaluate_voc(
     gt_per_image: Sequence[Mapping],
     detections_per_image: Sequence[Mapping],
-    num_classes: int,
+    num_object_classes: int,
     class_names: Sequence[str] | None = None,
     iou_threshold: float = IOU_THRESHOLD,
 ) -> dict:
@@ -132,12 +132,12 @@ def evaluate_voc(
 
     Args:
       gt_per_image: one dict per image: "boxes" [N, 4] float (x1, y1, x2, y2),
-        "labels" [N] int in 1..num_classes, optional "difficult" [N] bool (default
+        "labels" [N] int in 1..num_object_classes, optional "difficult" [N] bool (default
         all False).
       detections_per_image: one dict per image, same order: "boxes" [K, 4] float (same
         coordinate frame as the GT), "scores" [K] float, "labels" [K] int, optional
         "valid" [K] bool; entries with valid False or label 0 (padding) are dropped.
-      num_classes: number of foreground classes C (labels 1..C, background excluded).
+      num_object_classes: number of foreground classes C (labels 1..C, background excluded).
       class_names: C names for labels 1..C (default "class_1", ...).
       iou_threshold: minimum IoU for a true positive (0.5 for VOC).
     Returns:
@@ -149,11 +149,11 @@ def evaluate_voc(
       ValueError: mismatched lengths or shapes, labels outside 1..C.
     """
     if class_names is None:
-        class_names = tuple(f"class_{c}" for c in range(1, num_classes + 1))
-    if len(class_names) != num_classes:
+        class_names = tuple(f"class_{c}" for c in range(1, num_object_classes + 1))
+    if len(class_names) != num_object_classes:
         raise ValueError(
-            f"evaluate_voc: {len(class_names)} class_names for num_classes={num_classes}; "
-            "num_classes counts foreground classes only (labels 1..C, no background)"
+            f"evaluate_voc: {len(class_names)} class_names for num_object_classes={num_object_classes}; "
+            "num_object_classes counts foreground classes only (labels 1..C, no background)"
         )
     if len(set(class_names)) != len(class_names):
         raise ValueError("evaluate_voc: class_names must be unique")
@@ -169,9 +169,9 @@ def evaluate_voc(
         gd = np.asarray(g.get("difficult", np.zeros(len(gl), bool)), bool).reshape(-1)
         _check_length(f"GT image {n} labels", gl, len(gb))
         _check_length(f"GT image {n} difficult", gd, len(gb))
-        if gl.size and (gl.min() < 1 or gl.max() > num_classes):
+        if gl.size and (gl.min() < 1 or gl.max() > num_object_classes):
             raise ValueError(
-                f"evaluate_voc: GT image {n} has labels outside 1..{num_classes}: {sorted(set(gl.tolist()))}"
+                f"evaluate_voc: GT image {n} has labels outside 1..{num_object_classes}: {sorted(set(gl.tolist()))}"
             )
         db = np.asarray(d["boxes"], np.float64).reshape(-1, 4) if len(d["boxes"]) else np.zeros((0, 4))
         ds = np.asarray(d["scores"], np.float64).reshape(-1)
@@ -183,8 +183,8 @@ def evaluate_voc(
             dv = np.asarray(d["valid"], bool).reshape(-1)
             _check_length(f"detections image {n} valid", dv, len(db))
             keep &= dv
-        if keep.any() and (dl[keep].min() < 1 or dl[keep].max() > num_classes):
-            raise ValueError(f"evaluate_voc: detections image {n} has labels outside 1..{num_classes}")
+        if keep.any() and (dl[keep].min() < 1 or dl[keep].max() > num_object_classes):
+            raise ValueError(f"evaluate_voc: detections image {n} has labels outside 1..{num_object_classes}")
         gts.append((gb, gl, gd))
         dets.append((db[keep], ds[keep], dl[keep]))
 

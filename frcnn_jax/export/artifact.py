@@ -83,7 +83,7 @@ def forward_fn(model_config: ModelConfig, variables: dict):
     Returns (of the returned function):
       {"boxes": float32 [B, D, 4] (x1, y1, x2, y2) in resized-image (canvas) pixels,
        "scores": float32 [B, D], "labels": int32 [B, D], "valid": bool [B, D]};
-      D = model_config.detections_per_img, valid entries first by decreasing score.
+      D = model_config.roi_heads.postprocess.detections_per_img, valid entries first by decreasing score.
     """
     model = FasterRCNN(model_config)
 
@@ -189,8 +189,8 @@ def sidecar_document(
         "postprocessing": "keep valid; boxes (resized-image pixels) * (orig_w / w, orig_h / h, orig_w / w, orig_h / h)",
         "class_names": list(names) if names is not None else None,
         "label_to_category_id": metadata.get("label_to_category_id"),
-        "score_thresh": model_config.box_score_thresh,
-        "detections_per_img": model_config.detections_per_img,
+        "score_thresh": model_config.roi_heads.postprocess.score_thresh,
+        "detections_per_img": model_config.roi_heads.postprocess.detections_per_img,
         "model": model_config.replace(dtype=dtype).to_dict(),
         "source": metadata.get("source"),
         "jax_version": jax.__version__,

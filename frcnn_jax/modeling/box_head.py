@@ -1,13 +1,11 @@
-"""Box heads (C4 res5 head, FPN two-MLP head) and the class/box predictor."""
+"""Box heads (C4 res5 head, FPN two-MLP head) and the class/box predictor; composed in `roi_heads.RoIHeads`."""
 
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from frcnn_jax.modeling.resnet import RESNET_SPECS, ResNetStage, maybe_remat_call
-from frcnn_jax.ops import losses
 
 
 class Res5Head(nn.Module):
@@ -88,27 +86,3 @@ class FastRCNNPredictor(nn.Module):
         deltas = box(x).astype(jnp.float32).reshape(x.shape[0], self.num_classes, 4)
         return logits, deltas
 
-
-def box_head_loss(class_logits, box_deltas, targets, *, beta: float = 1.0):
-    """Fast R-CNN loss over a batch of sampled ROIs.
-
-    Args:
-      class_logits: [B, S, K]; box_deltas: [B, S, K, 4] class-specific deltas.
-      targets: dict from `training.targets.box_head_targets`, batched: labels [B, S],
-        targets [B, S, 4], valid [B, S].
-      beta: smooth-L1 beta: 1.0 as maskrcnn-benchmark / Detectron (torchvision's
-        `fastrcnn_loss` uses 1/9).
-    Returns:
-      (loss_classifier, loss_box_reg): softmax cross-entropy averaged over the sampled
-      ROIs, and smooth-L1 on the deltas of each foreground ROI's own class, summed and
-      divided by the number of sampled ROIs.
-    """
-    labels, valid = targets["labels"], targets["valid"]
-    count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
-    ce = losses.softmax_cross_entropy(class_logits.astype(jnp.float32), labels)
-    loss_cls = jnp.sum(jnp.where(valid, ce, 0.0)) / count
-    fg = valid & (labels > 0)
-    pred = jnp.take_along_axis(box_deltas.astype(jnp.float32), labels[..., None, None], axis=-2)[..., 0, :]
-    reg = losses.smooth_l1(pred - targets["targets"], beta).sum(-1)
-    loss_box = jnp.sum(jnp.where(fg, reg, 0.0)) / count
-    return loss_cls, loss_box

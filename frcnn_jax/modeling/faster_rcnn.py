@@ -1,12 +1,14 @@
-"""Faster R-CNN: backbone -> RPN -> ROI pooling -> box head -> detections.
+"""Faster R-CNN: backbone -> RPN -> ROI heads, for inference (`__call__`) and training (`losses`).
 
-A thin composition of the modules and pure functions beside it. The parameter tree
-mirrors torchvision's module names (`backbone/body/...`, `backbone/fpn/...`,
-`rpn/head/...`, `roi_heads/box_head/...`, `roi_heads/box_predictor/...`), and frozen
+A thin composition of the stages beside it (`rpn.py`, `roi_heads.py` each own their
+inference and training paths). The parameter tree mirrors torchvision's module names
+(`backbone/body/...`, `backbone/fpn/...`, `rpn/head/...`, `roi_heads/box_head/...`,
+`roi_heads/box_predictor/...`; `param_paths.py` holds what depends on them), and frozen
 batch-norm statistics live in the `"frozen"` collection:
 
-    variables = model.init(rng, images, image_sizes)          # {"params", "frozen"}
+    variables = init_variables(model, rng)                    # {"params", "frozen"}
     detections = model.apply(variables, images, image_sizes)
+    losses, stats = model.apply(variables, batch, key, method=FasterRCNN.losses)
 
 Everything runs under one `jax.jit` with static shapes: images [B, H, W, 3] on a
 fixed canvas, `image_sizes` [B, 2] the true (h, w) of each resized image inside it.
@@ -14,23 +16,19 @@ fixed canvas, `image_sizes` [B, 2] the true (h, w) of each resized image inside 
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from frcnn_jax.modeling.box_head import FastRCNNPredictor, Res5Head, TwoMLPHead
-from frcnn_jax.modeling.config import ModelConfig
+from frcnn_jax.modeling.config import ModelConfig, compute_dtype
 from frcnn_jax.modeling.fpn import FPN
-from frcnn_jax.modeling.poolers import pool_rois
-from frcnn_jax.modeling.postprocess import postprocess_detections
 from frcnn_jax.modeling.resnet import ResNet
-from frcnn_jax.modeling.rpn import RPNHead, level_anchors, select_proposals
+from frcnn_jax.modeling.roi_heads import RoIHeads
+from frcnn_jax.modeling.rpn import RPN, rpn_anchors, rpn_losses, rpn_proposals
 
-
-def _dtype(cfg: ModelConfig):
-    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+# The four training losses, in the order of the stages (`FasterRCNN.losses`).
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+STAT_NAMES = ("rpn_positives", "roi_foreground", "proposals")  # sampling statistics, per-image means
 
 
 class Backbone(nn.Module):
@@ -40,57 +38,24 @@ class Backbone(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        cfg = self.cfg
+        cfg, bb = self.cfg, self.cfg.backbone
         body = ResNet(
-            depth=cfg.depth,
-            width=cfg.width,
+            depth=bb.depth,
+            width=bb.width,
             num_stages=3 if cfg.arch == "c4" else 4,
-            stride_in_1x1=cfg.stride_in_1x1,
-            freeze_at=cfg.freeze_at,
-            bn_eps=cfg.bn_eps,
-            dtype=_dtype(cfg),
-            zero_init_residual=cfg.zero_init_residual,
+            stride_in_1x1=bb.stride_in_1x1,
+            freeze_at=bb.freeze_at,
+            bn_eps=bb.bn_eps,
+            dtype=compute_dtype(cfg),
+            zero_init_residual=bb.zero_init_residual,
             remat=cfg.remats("resnet"),
             name="body",
         )
         outs = body(images)
         if cfg.arch == "c4":
             return [outs["layer3"]]
-        fpn = FPN(cfg.fpn_channels, dtype=_dtype(cfg), remat=cfg.remats("fpn"), name="fpn")
+        fpn = FPN(bb.fpn_channels, dtype=compute_dtype(cfg), remat=cfg.remats("fpn"), name="fpn")
         return fpn([outs[f"layer{i}"] for i in range(1, 5)])
-
-
-class RPN(nn.Module):
-    """Holds the RPN head (parameters at `rpn/head`)."""
-
-    cfg: ModelConfig
-
-    def setup(self):
-        cfg = self.cfg
-        self.head = RPNHead(cfg.num_anchors_per_location, dtype=_dtype(cfg), remat=cfg.remats("rpn_head"))
-
-    def __call__(self, features):
-        return self.head(features)
-
-
-class RoIHeads(nn.Module):
-    """Box head + predictor: pooled [R, S, S, C] -> logits [R, K], deltas [R, K, 4]."""
-
-    cfg: ModelConfig
-
-    def setup(self):
-        cfg = self.cfg
-        if cfg.arch == "c4":
-            self.box_head = Res5Head(
-                cfg.depth, cfg.width, cfg.stride_in_1x1, cfg.bn_eps, dtype=_dtype(cfg),
-                zero_init_residual=cfg.zero_init_residual, remat=cfg.remats("box_head"),
-            )  # fmt: skip
-        else:
-            self.box_head = TwoMLPHead(cfg.representation_size, dtype=_dtype(cfg), remat=cfg.remats("box_head"))
-        self.box_predictor = FastRCNNPredictor(cfg.num_classes, dtype=_dtype(cfg))
-
-    def __call__(self, pooled):
-        return self.box_predictor(self.box_head(pooled))
 
 
 class FasterRCNN(nn.Module):
@@ -101,47 +66,9 @@ class FasterRCNN(nn.Module):
         self.rpn = RPN(self.cfg)
         self.roi_heads = RoIHeads(self.cfg)
 
-    # --- stages, usable on their own (training composes them differently) -----------
     def features(self, images):
         """[B, H, W, 3] normalised canvas -> list of NHWC feature maps (RPN levels)."""
         return self.backbone(images)
-
-    def rpn_outputs(self, features):
-        """-> (objectness: per level [B, N_l], deltas: per level [B, N_l, 4])."""
-        return self.rpn(features)
-
-    def proposals(self, features, objectness, deltas, image_sizes, canvas_hw, *, train: bool):
-        """-> boxes [B, P, 4], scores [B, P], valid [B, P] (P = post-NMS top-n, static)."""
-        cfg = self.cfg
-        anchors = level_anchors(
-            canvas_hw, [f.shape[1:3] for f in features], cfg.level_anchor_sizes(), cfg.aspect_ratios
-        )
-        fn = functools.partial(
-            select_proposals,
-            anchors=anchors,
-            pre_nms_top_n=cfg.rpn_pre_nms_top_n_train if train else cfg.rpn_pre_nms_top_n_test,
-            post_nms_top_n=cfg.rpn_post_nms_top_n_train if train else cfg.rpn_post_nms_top_n_test,
-            nms_thresh=cfg.rpn_nms_thresh,
-            min_size=cfg.rpn_min_size,
-            score_thresh=cfg.rpn_score_thresh,
-        )
-        return jax.vmap(lambda o, d, s: fn(o, d, image_size=s))(objectness, deltas, image_sizes)
-
-    def box_predictions(self, features, boxes, canvas_hw):
-        """Pool `boxes` [B, P, 4] and run the box head -> logits [B, P, K], deltas [B, P, K, 4]."""
-        cfg = self.cfg
-        b, p, _ = boxes.shape
-        pooled = pool_rois(
-            features if cfg.arch == "c4" else features[:4],
-            boxes,
-            canvas_hw,
-            output_size=cfg.pooler_resolution,
-            sampling_ratio=cfg.pooler_sampling_ratio,
-            aligned=cfg.pooler_aligned,
-            multiscale=cfg.arch == "fpn",
-        )
-        logits, deltas = self.roi_heads(pooled.astype(_dtype(cfg)))
-        return logits.reshape(b, p, -1), deltas.reshape(b, p, -1, 4)
 
     # --- inference ---------------------------------------------------------------------
     def __call__(self, images, image_sizes, *, return_intermediates: bool = False):
@@ -152,27 +79,18 @@ class FasterRCNN(nn.Module):
           image_sizes: [B, 2] int32 (h, w) of each resized image inside the canvas.
         Returns:
           dict: boxes [B, D, 4] (canvas pixels), scores [B, D], labels [B, D] int32,
-          valid [B, D] bool (D = detections_per_img). With `return_intermediates`, also
+          valid [B, D] bool (D = roi_heads.postprocess.detections_per_img). With `return_intermediates`, also
           features, objectness, rpn_deltas, proposals, proposal_scores, proposal_valid,
           class_logits, box_deltas.
         """
-        cfg = self.cfg
         canvas_hw = images.shape[1:3]
         feats = self.features(images)
-        objectness, rpn_deltas = self.rpn_outputs(feats)
-        props, prop_scores, prop_valid = self.proposals(
-            feats, objectness, rpn_deltas, image_sizes, canvas_hw, train=False
+        objectness, rpn_deltas = self.rpn(feats)
+        anchors = rpn_anchors(self.cfg, canvas_hw, feats)
+        props, prop_scores, prop_valid = rpn_proposals(
+            self.cfg, objectness, rpn_deltas, anchors, image_sizes, train=False
         )
-        logits, deltas = self.box_predictions(feats, props, canvas_hw)
-        post = functools.partial(
-            postprocess_detections,
-            bbox_reg_weights=cfg.bbox_reg_weights,
-            score_thresh=cfg.box_score_thresh,
-            nms_thresh=cfg.box_nms_thresh,
-            detections_per_img=cfg.detections_per_img,
-            min_size=cfg.box_min_size,
-        )
-        dets = jax.vmap(post)(logits, deltas, props, prop_valid, image_sizes)
+        dets, logits, deltas = self.roi_heads.detections(feats, props, prop_valid, image_sizes, canvas_hw)
         if return_intermediates:
             dets.update(
                 features=feats,
@@ -186,6 +104,41 @@ class FasterRCNN(nn.Module):
             )
         return dets
 
+    # --- training ----------------------------------------------------------------------
+    def losses(self, batch, key):
+        """The four training losses and the sampling statistics of a batch.
+
+        Args:
+          batch: the input pipeline's dict (`frcnn_jax.data`): image [B, H, W, 3]
+            normalised canvas, image_size [B, 2], boxes [B, G, 4] (canvas pixels),
+            labels [B, G] int32, gt_valid [B, G], is_crowd [B, G]. Crowd boxes are
+            ignored (treated as absent ground truth).
+          key: PRNG key for the two samplers (split RPN / ROI heads, then per image).
+        Returns:
+          (losses {LOSS_NAMES: scalar}, stats {STAT_NAMES: scalar per-image means}).
+        """
+        images, sizes = batch["image"], batch["image_size"]
+        canvas_hw = images.shape[1:3]
+        gt_boxes = batch["boxes"].astype(jnp.float32)
+        gt_valid = batch["gt_valid"] & ~batch["is_crowd"]
+        k_rpn, k_roi = jax.random.split(key)
+
+        feats = self.features(images)
+        objectness, deltas = self.rpn(feats)
+        anchors = rpn_anchors(self.cfg, canvas_hw, feats)
+        loss_obj, loss_rpn_box, positives = rpn_losses(self.cfg, objectness, deltas, anchors, gt_boxes, gt_valid, k_rpn)
+        props, _, prop_valid = rpn_proposals(self.cfg, objectness, deltas, anchors, sizes, train=True)
+        loss_cls, loss_box, foreground = self.roi_heads.losses(
+            feats, props, prop_valid, gt_boxes, batch["labels"], gt_valid, canvas_hw, k_roi
+        )
+
+        def mean(count):
+            return jnp.mean(count.astype(jnp.float32))
+
+        losses = dict(zip(LOSS_NAMES, (loss_obj, loss_rpn_box, loss_cls, loss_box), strict=True))
+        stats = (mean(positives), mean(foreground), mean(jnp.sum(prop_valid, axis=1)))
+        return losses, dict(zip(STAT_NAMES, stats, strict=True))
+
 
 def init_variables(model: FasterRCNN, rng, canvas_hw=(64, 64)):
     """Random variables {"params", "frozen"} for `model` (their shapes do not depend on the canvas).
@@ -197,7 +150,7 @@ def init_variables(model: FasterRCNN, rng, canvas_hw=(64, 64)):
 
     def touch_all(module: FasterRCNN, images, boxes):
         feats = module.features(images)
-        module.rpn_outputs(feats)
-        return module.box_predictions(feats, boxes, images.shape[1:3])
+        module.rpn(feats)
+        return module.roi_heads(feats, boxes, images.shape[1:3])
 
     return jax.jit(lambda r: model.init(r, images, boxes, method=touch_all))(rng)

@@ -17,8 +17,6 @@ Parameter names and inference results do not change.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,13 @@
-"""Region Proposal Network: the head (3x3 conv, objectness and deltas) and proposals.
+"""Region Proposal Network, both paths: the head, the anchors, proposals, and (training) targets and loss.
+
+    RPN.__call__(features)                  -> per-level objectness, deltas (the head, params at `rpn/head`)
+    rpn_anchors(cfg, canvas_hw, features)   -> per-level anchors, computed once per forward pass
+    rpn_proposals(cfg, ..., train=...)      -> proposals [B, P, 4], scores, valid (inference and training)
+    rpn_losses(cfg, ..., key)               -> loss_objectness, loss_rpn_box_reg, sampling statistics
+    rpn_targets / rpn_loss                  -> the per-image assignment and the batch loss they use
+
+Shapes: B images, L levels, N_l = H_l * W_l * A anchors on level l (A per cell), N = sum N_l,
+G padded ground-truth boxes, P = post-NMS top-n proposals per image.
 
 Proposals follow torchvision's `RegionProposalNetwork.filter_proposals` step by step,
 with static shapes: per level keep the top-k anchors by objectness, decode them, clip
@@ -9,17 +18,21 @@ to the image's true size, mask boxes below `min_size` and scores below
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from frcnn_jax import ops
-from frcnn_jax.ops import losses
+from frcnn_jax.modeling.config import ModelConfig, compute_dtype
 from frcnn_jax.modeling.conv import Conv
+from frcnn_jax.modeling.matcher import match
 from frcnn_jax.modeling.resnet import maybe_remat_call
+from frcnn_jax.modeling.sampler import sample_balanced
+from frcnn_jax.ops import losses
 
 
 class RPNHead(nn.Module):
@@ -122,7 +135,7 @@ def rpn_loss(objectness, deltas, targets, *, beta: float = 1.0 / 9):
 
     Args:
       objectness: [B, N] logits (all levels concatenated); deltas: [B, N, 4].
-      targets: dict from `training.targets.rpn_targets`, batched: targets [B, N, 4],
+      targets: dict from `rpn_targets`, batched: targets [B, N, 4],
         positive [B, N], negative [B, N] sampled masks.
     Returns:
       (loss_objectness, loss_rpn_box_reg): binary cross-entropy averaged over the
@@ -137,3 +150,101 @@ def rpn_loss(objectness, deltas, targets, *, beta: float = 1.0 / 9):
     reg = losses.smooth_l1(deltas.astype(jnp.float32) - targets["targets"], beta).sum(-1)
     loss_box = jnp.sum(jnp.where(pos, reg, 0.0)) / count
     return loss_obj, loss_box
+
+
+def rpn_targets(
+    key,
+    anchors,
+    gt_boxes,
+    gt_valid,
+    *,
+    fg_iou_thresh: float,
+    bg_iou_thresh: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
+):
+    """Anchor labels, regression targets and the balanced sample of ONE image.
+
+    Ground truth is padded to [G, 4] with a `gt_valid` mask (crowd boxes are passed as
+    invalid, so they are ignored); an image without ground truth gives all-background targets.
+
+    Args:
+      key: PRNG key for the sampler.
+      anchors: [N, 4] all levels concatenated, in the RPN head's output order.
+      gt_boxes: [G, 4] padded ground truth (canvas pixels); gt_valid: [G] bool.
+    Returns:
+      dict: labels [N] int32 (1 object, 0 background, -1 ignored), targets [N, 4]
+      (`encode_boxes(matched gt, anchor)`, zero where not positive), positive [N] bool
+      and negative [N] bool sampled masks (at most batch_size_per_image together).
+    """
+    iou = ops.box_iou(gt_boxes, anchors)
+    matches = match(iou, gt_valid, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
+    labels = jnp.where(matches >= 0, 1, jnp.where(matches == -1, 0, -1)).astype(jnp.int32)
+    positive, negative = sample_balanced(key, labels, batch_size_per_image, positive_fraction)
+    matched = gt_boxes[jnp.maximum(matches, 0)]
+    targets = ops.encode_boxes(matched, anchors)
+    targets = jnp.where((labels == 1)[:, None], targets, 0.0)  # no NaN/inf where unused
+    return {"labels": labels, "targets": targets, "positive": positive, "negative": negative}
+
+
+# --- the stage, wired to the config ------------------------------------------------------
+
+
+def rpn_anchors(cfg: ModelConfig, canvas_hw, features) -> list[jax.Array]:
+    """Per-level anchors [N_l, 4] for `features` (list of [B, H_l, W_l, C]) on a static canvas."""
+    hws = [f.shape[1:3] for f in features]
+    return level_anchors(canvas_hw, hws, cfg.level_anchor_sizes(), cfg.anchors.aspect_ratios)
+
+
+def rpn_proposals(cfg: ModelConfig, objectness, deltas, anchors, image_sizes, *, train: bool):
+    """Proposals of a batch: boxes [B, P, 4], scores [B, P], valid [B, P] (P = post-NMS top-n, static).
+
+    objectness: per level [B, N_l]; deltas: per level [B, N_l, 4]; anchors: per level [N_l, 4];
+    image_sizes: [B, 2] int32 (h, w). `train` picks `cfg.rpn.train` or `cfg.rpn.test` (the top-n counts).
+    """
+    rpn, counts = cfg.rpn, cfg.rpn.proposals(train)
+    fn = functools.partial(
+        select_proposals,
+        anchors=anchors,
+        pre_nms_top_n=counts.pre_nms_top_n,
+        post_nms_top_n=counts.post_nms_top_n,
+        nms_thresh=rpn.nms_thresh,
+        min_size=rpn.min_size,
+        score_thresh=rpn.score_thresh,
+    )
+    return jax.vmap(lambda o, d, s: fn(o, d, image_size=s))(objectness, deltas, image_sizes)
+
+
+def rpn_losses(cfg: ModelConfig, objectness, deltas, anchors, gt_boxes, gt_valid, key):
+    """The RPN's training loss for a batch: targets for every anchor, then `rpn_loss`.
+
+    objectness / deltas / anchors: per level, as from `RPN` and `rpn_anchors` (concatenated
+    here, in the head's order); gt_boxes [B, G, 4]; gt_valid [B, G] (crowd excluded);
+    key: PRNG key (split per image).
+    Returns: (loss_objectness, loss_rpn_box_reg, positives [B] int32 sampled positive anchors).
+    """
+    b = gt_boxes.shape[0]
+    targets = jax.vmap(
+        functools.partial(
+            rpn_targets,
+            anchors=jnp.concatenate(anchors),
+            **dataclasses.asdict(cfg.rpn.assigner),
+        )
+    )(jax.random.split(key, b), gt_boxes=gt_boxes, gt_valid=gt_valid)
+    loss_obj, loss_box = rpn_loss(
+        jnp.concatenate(objectness, axis=1), jnp.concatenate(deltas, axis=1), targets, beta=cfg.rpn.box_loss_beta
+    )
+    return loss_obj, loss_box, jnp.sum(targets["positive"], axis=1)
+
+
+class RPN(nn.Module):
+    """The RPN stage's parameters: its head (at `rpn/head`); features -> per-level (objectness, deltas)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.head = RPNHead(cfg.num_anchors_per_location, dtype=compute_dtype(cfg), remat=cfg.remats("rpn_head"))
+
+    def __call__(self, features):
+        return self.head(features)

@@ -1,1 +1,1 @@
-"""Training: target assignment (matcher, sampler, targets), optimiser, train step, checkpoints."""
+"""Training: the optax train step, optimiser, loop, checkpoints, sharding, metrics (the model owns its losses)."""

@@ -3,7 +3,7 @@
 Flax-examples style: build the data, the model and the train state, resume from the
 latest checkpoint in `workdir` if there is one, then step, log, checkpoint and
 evaluate. Everything that decides numbers lives in the pure functions it calls
-(`train_step`, `targets`, the ops); this file only wires them together.
+(`FasterRCNN.losses`, `train_step`, the ops); this file only wires them together.
 
 How the loop keeps an accelerator busy:
 - No host sync between log steps. Each step is one jitted call,
@@ -52,6 +52,8 @@ from frcnn_jax.data import builder as data_lib
 from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
 from frcnn_jax.evaluation.report import write_detections_json
 from frcnn_jax.modeling.config import ModelConfig
+from frcnn_jax.modeling import config as model_config
+from frcnn_jax.modeling import param_paths
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 from frcnn_jax.training import host_memory, sharding
 from frcnn_jax.training import monitor as monitor_lib
@@ -99,10 +101,15 @@ def _stop_requests(enabled: bool):
             signal.signal(s, handler)
 
 
+def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
+    """`config.optim` as an OptimConfig; the schedule's length is the one step count, `train.num_steps`."""
+    return OptimConfig.from_dict({**config.optim.to_dict(), "total_steps": int(config.train.num_steps)})
+
+
 def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, OptimConfig]:
     """Checks the whole config up front; raises ValueError naming the bad field."""
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
-    optim_cfg = OptimConfig.from_dict(config.optim.to_dict())
+    optim_cfg = optim_config(config)
     t = config.train
     for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch"):
         if int(t[name]) < 1:
@@ -125,9 +132,13 @@ def _check_resume_compatible(workdir: pathlib.Path, config: ml_collections.Confi
     path = workdir / run_checkpoint.CONFIG_JSON
     if not path.exists():
         return
-    saved = json.loads(path.read_text()).get("model", {})
-    now = json.loads(json.dumps(config.model.to_dict(), default=list))
-    diffs = [f"model.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    saved = model_config.flatten(json.loads(path.read_text()).get("model", {}))
+    now = model_config.flatten(json.loads(json.dumps(config.model.to_dict(), default=list)))
+    diffs = [
+        f"model.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if diffs:
         raise ValueError(
             f"{workdir} holds a run with a different model config; use a new --workdir or the same config "
@@ -146,27 +157,18 @@ def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool
         meta = model_checkpoint.read_model_json(path).get("metadata", {})
         if meta.get("kind") != "resnet_backbone":
             raise ValueError(f"train.init_backbone={path!r}: not a ResNet backbone checkpoint (kind {meta.get('kind')!r})")
-        if meta.get("depth") != model.cfg.depth or model.cfg.width != 64:
+        backbone = model.cfg.backbone
+        if meta.get("depth") != backbone.depth or backbone.width != 64:
             raise ValueError(
                 f"train.init_backbone={path!r}: a ResNet-{meta.get('depth')} checkpoint cannot initialise "
-                f"model.depth={model.cfg.depth}, model.width={model.cfg.width}"
+                f"model.backbone.depth={backbone.depth}, model.backbone.width={backbone.width}"
             )
     variables = init_variables(model, jax.random.key(seed))
     if not path or not load_backbone:
         return variables
     _, backbone, _ = model_checkpoint.load_model(path)
-    params = jax.tree.map(lambda x: x, variables["params"])
-    frozen = jax.tree.map(lambda x: x, variables["frozen"])
-    body_p, body_f = params["backbone"]["body"], frozen["backbone"]["body"]
-    for name in body_p:
-        body_p[name] = backbone["params"][name]
-        if name in body_f:
-            body_f[name] = backbone["frozen"][name]
-    if model.cfg.arch == "c4":  # layer4 is the box head
-        params["roi_heads"]["box_head"]["layer4"] = backbone["params"]["layer4"]
-        frozen["roi_heads"]["box_head"]["layer4"] = backbone["frozen"]["layer4"]
     log.info("initialised the backbone from %s", path)
-    return {"params": params, "frozen": frozen}
+    return param_paths.with_imagenet_backbone(variables, backbone, model.cfg)
 
 
 
@@ -208,10 +210,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
     model_cfg, optim_cfg = validate_config(config)
     train_source = data_lib.build_source(config.data, "train")
     val_source = data_lib.build_source(config.data, "val")
-    if train_source.num_classes + 1 != model_cfg.num_classes:
+    if train_source.num_object_classes + 1 != model_cfg.num_classes:
         raise ValueError(
             f"model.num_classes={model_cfg.num_classes} but the {config.data.source} data has "
-            f"{train_source.num_classes} classes (+1 background = {train_source.num_classes + 1})"
+            f"{train_source.num_object_classes} classes (+1 background = {train_source.num_object_classes + 1})"
         )
     mesh = sharding.data_mesh()
     sharding.check_batch_size(config.data.batch_size, mesh)

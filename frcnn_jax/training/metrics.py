@@ -12,6 +12,8 @@ import sys
 
 from tqdm import tqdm
 
+from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
 
@@ -35,7 +37,7 @@ class Progress:
         self.step = step
 
     def show(self, metrics: dict):
-        short = {"loss": "loss", "loss_objectness": "obj", "loss_rpn_box_reg": "rpn_box", "loss_classifier": "cls", "loss_box_reg": "box"}
+        short = dict(zip(("loss", *LOSS_NAMES), ("loss", "obj", "rpn_box", "cls", "box"), strict=True))
         post = {v: f"{metrics[k]:.3f}" for k, v in short.items() if k in metrics}
         if "lr" in metrics:
             post["lr"] = f"{metrics['lr']:.2e}"
@@ -128,7 +130,7 @@ def plot_losses(history: list[dict], path):
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for key in ("loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"):
+    for key in ("loss", *LOSS_NAMES):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             xs, ys = zip(*pts)

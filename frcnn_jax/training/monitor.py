@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frcnn_jax.training.train_step import LOSS_NAMES
+from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES
 
 CHECKED = ("loss",) + LOSS_NAMES + ("grad_norm",)
 

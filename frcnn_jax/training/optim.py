@@ -3,7 +3,7 @@
 Follows maskrcnn-benchmark's solver: weight decay on weights only (not on biases),
 biases optionally at a higher learning rate (BIAS_LR_FACTOR), linear warm-up from
 `warmup_factor * lr`, then x`gamma` at each of `decay_steps` (or cosine to zero).
-Frozen parameters (stem and early stages, `freeze_at`) get no update at all.
+Frozen parameters (stem and early stages, `model.backbone.freeze_at`) get no update at all.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class OptimConfig:
     schedule: str = "step"
     decay_steps: tuple[int, ...] = (120_000, 160_000)
     gamma: float = 0.1
-    total_steps: int = 180_000
+    total_steps: int = 180_000  # the schedule's length; the loop sets it from train.num_steps
     clip_grad_norm: float = 0.0  # 0 disables clipping
 
     @classmethod

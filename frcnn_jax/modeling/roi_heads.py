@@ -1,0 +1,171 @@
+"""ROI heads, both paths: pooling, box head, predictor, (training) targets and loss, post-processing.
+
+    RoIHeads.__call__(features, boxes, canvas_hw)   -> class logits, class-specific deltas
+    RoIHeads.detections(...)                        -> final detections (inference)
+    RoIHeads.losses(...)                            -> loss_classifier, loss_box_reg (training)
+    box_head_targets / box_head_loss                -> the per-image sampling and the batch loss they use
+
+The pieces it composes live beside it: `poolers.pool_rois` (ROIAlign, one level for C4,
+the FPN level per box), `box_head` (the C4 res5 head, the FPN two-MLP head, the
+predictor) and `postprocess.postprocess_detections`.
+
+Shapes: B images, P proposals per image, S = sampled ROIs per image, K classes including
+background (label 0), G padded ground-truth boxes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from frcnn_jax import ops
+from frcnn_jax.modeling.box_head import FastRCNNPredictor, Res5Head, TwoMLPHead
+from frcnn_jax.modeling.config import ModelConfig, compute_dtype
+from frcnn_jax.modeling.matcher import match
+from frcnn_jax.modeling.poolers import pool_rois
+from frcnn_jax.modeling.postprocess import postprocess_detections
+from frcnn_jax.modeling.sampler import sample_balanced, sampled_indices
+from frcnn_jax.ops import losses
+
+
+def box_head_targets(
+    key,
+    proposals,
+    proposal_valid,
+    gt_boxes,
+    gt_labels,
+    gt_valid,
+    *,
+    fg_iou_thresh: float,
+    bg_iou_thresh: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    bbox_reg_weights,
+):
+    """Sampled ROIs and their targets for ONE image (torchvision `select_training_samples`).
+
+    Ground-truth boxes are appended to the proposals, every candidate is matched
+    (IoU >= fg: its ground truth's class; < bg: background), and a balanced sample of
+    S = batch_size_per_image candidates is drawn. Crowd boxes are passed as invalid
+    ground truth; an image without ground truth gives all-background samples.
+
+    Args:
+      proposals: [P, 4] (stop-gradient), proposal_valid: [P] bool.
+      gt_boxes: [G, 4], gt_labels: [G] int32 (1..K-1), gt_valid: [G] bool.
+    Returns:
+      dict: boxes [S, 4] sampled ROIs, labels [S] int32 (0 background), targets [S, 4]
+      (`encode_boxes(gt, roi, bbox_reg_weights)`, zero for background), valid [S] bool
+      (False where there were fewer than S candidates), index [S] into the
+      concatenation [proposals; gt_boxes].
+    """
+    boxes = jnp.concatenate([proposals, gt_boxes], axis=0)
+    valid = jnp.concatenate([proposal_valid, gt_valid], axis=0)
+    iou = ops.box_iou(gt_boxes, boxes)
+    iou = jnp.where(valid[None, :], iou, -1.0)
+    matches = match(iou, gt_valid, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+    safe = jnp.maximum(matches, 0)
+    labels = jnp.where(matches >= 0, gt_labels[safe], jnp.where(matches == -1, 0, -1))
+    labels = jnp.where(valid, labels, -1).astype(jnp.int32)
+    positive, negative = sample_balanced(key, labels, batch_size_per_image, positive_fraction)
+    index, sample_valid = sampled_indices(positive, negative, batch_size_per_image)
+    roi = boxes[index]
+    roi_labels = jnp.where(sample_valid, labels[index], 0)
+    targets = ops.encode_boxes(gt_boxes[safe[index]], roi, bbox_reg_weights)
+    targets = jnp.where((roi_labels > 0)[:, None], targets, 0.0)
+    return {"boxes": roi, "labels": roi_labels, "targets": targets, "valid": sample_valid, "index": index}
+
+
+def box_head_loss(class_logits, box_deltas, targets, *, beta: float = 1.0):
+    """Fast R-CNN loss over a batch of sampled ROIs.
+
+    Args:
+      class_logits: [B, S, K]; box_deltas: [B, S, K, 4] class-specific deltas.
+      targets: dict from `box_head_targets`, batched: labels [B, S], targets [B, S, 4], valid [B, S].
+      beta: smooth-L1 beta: 1.0 as maskrcnn-benchmark / Detectron (torchvision's
+        `fastrcnn_loss` uses 1/9).
+    Returns:
+      (loss_classifier, loss_box_reg): softmax cross-entropy averaged over the sampled
+      ROIs, and smooth-L1 on the deltas of each foreground ROI's own class, summed and
+      divided by the number of sampled ROIs.
+    """
+    labels, valid = targets["labels"], targets["valid"]
+    count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    ce = losses.softmax_cross_entropy(class_logits.astype(jnp.float32), labels)
+    loss_cls = jnp.sum(jnp.where(valid, ce, 0.0)) / count
+    fg = valid & (labels > 0)
+    pred = jnp.take_along_axis(box_deltas.astype(jnp.float32), labels[..., None, None], axis=-2)[..., 0, :]
+    reg = losses.smooth_l1(pred - targets["targets"], beta).sum(-1)
+    loss_box = jnp.sum(jnp.where(fg, reg, 0.0)) / count
+    return loss_cls, loss_box
+
+
+class RoIHeads(nn.Module):
+    """The ROI-heads stage: box head (`roi_heads/box_head`) + predictor (`roi_heads/box_predictor`)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg, bb = self.cfg, self.cfg.backbone
+        if cfg.arch == "c4":
+            self.box_head = Res5Head(
+                bb.depth, bb.width, bb.stride_in_1x1, bb.bn_eps, dtype=compute_dtype(cfg),
+                zero_init_residual=bb.zero_init_residual, remat=cfg.remats("box_head"),
+            )  # fmt: skip
+        else:
+            self.box_head = TwoMLPHead(
+                cfg.roi_heads.representation_size, dtype=compute_dtype(cfg), remat=cfg.remats("box_head")
+            )
+        self.box_predictor = FastRCNNPredictor(cfg.num_classes, dtype=compute_dtype(cfg))
+
+    def __call__(self, features, boxes, canvas_hw):
+        """Pools `boxes` [B, P, 4] from `features` (the RPN levels) -> logits [B, P, K], deltas [B, P, K, 4]."""
+        cfg, pooler = self.cfg, self.cfg.roi_heads.pooler
+        b, p, _ = boxes.shape
+        pooled = pool_rois(
+            features if cfg.arch == "c4" else features[:4],
+            boxes,
+            canvas_hw,
+            output_size=pooler.resolution,
+            sampling_ratio=pooler.sampling_ratio,
+            aligned=pooler.aligned,
+            multiscale=cfg.arch == "fpn",
+        )
+        logits, deltas = self.box_predictor(self.box_head(pooled.astype(compute_dtype(cfg))))
+        return logits.reshape(b, p, -1), deltas.reshape(b, p, -1, 4)
+
+    def detections(self, features, proposals, proposal_valid, image_sizes, canvas_hw):
+        """Inference: proposals [B, P, 4] + valid [B, P] -> (detections, logits [B, P, K], deltas [B, P, K, 4]).
+
+        detections: boxes [B, D, 4] (canvas pixels), scores [B, D], labels [B, D] int32,
+        valid [B, D] bool; D = roi_heads.postprocess.detections_per_img (see `postprocess_detections`).
+        """
+        heads = self.cfg.roi_heads
+        logits, deltas = self(features, proposals, canvas_hw)
+        post = functools.partial(
+            postprocess_detections,
+            bbox_reg_weights=heads.bbox_reg_weights,
+            **dataclasses.asdict(heads.postprocess),
+        )
+        return jax.vmap(post)(logits, deltas, proposals, proposal_valid, image_sizes), logits, deltas
+
+    def losses(self, features, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, canvas_hw, key):
+        """Training: sample ROIs from the proposals (+ ground truth), pool, predict, loss.
+
+        proposals [B, P, 4] (gradients stopped here), proposal_valid [B, P]; gt_boxes [B, G, 4],
+        gt_labels [B, G] int32, gt_valid [B, G] (crowd excluded); key: PRNG key (split per image).
+        Returns: (loss_classifier, loss_box_reg, foreground [B] int32 sampled foreground ROIs).
+        """
+        heads = self.cfg.roi_heads
+        targets = jax.vmap(
+            functools.partial(
+                box_head_targets, bbox_reg_weights=heads.bbox_reg_weights, **dataclasses.asdict(heads.assigner)
+            )
+        )(jax.random.split(key, gt_boxes.shape[0]), jax.lax.stop_gradient(proposals), proposal_valid, gt_boxes,
+          gt_labels, gt_valid)  # fmt: skip
+        logits, deltas = self(features, targets["boxes"], canvas_hw)
+        loss_cls, loss_box = box_head_loss(logits, deltas, targets, beta=heads.box_loss_beta)
+        return loss_cls, loss_box, jnp.sum(targets["valid"] & (targets["labels"] > 0), axis=1)
