@@ -81,9 +81,7 @@ from frcnn_jax.data.transforms import (
     resize_boxes,
     resize_image,
 )
-from frcnn_jax.data.transforms import (
-    hflip as flip_horizontally,
-)
+from frcnn_jax.data.transforms import hflip as flip_horizontally
 
 BATCH_KEYS = (
     "image", "image_size", "orig_size", "boxes", "labels", "gt_valid", "is_crowd", "difficult", "image_id", "valid",

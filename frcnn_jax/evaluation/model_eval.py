@@ -16,8 +16,6 @@ canvas (multi-process training requires one).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 from tqdm import tqdm
@@ -34,23 +32,28 @@ def _variables(state_or_variables):
     return {"params": state_or_variables.params, "frozen": state_or_variables.frozen}
 
 
-@functools.lru_cache(maxsize=8)
-def _forward(model: FasterRCNN):
+def make_forward(model: FasterRCNN):
+    """The jitted inference of `model`: (variables, images float32 [B, H, W, 3], sizes int32 [B, 2]) -> detections.
+
+    Build it once per model and pass it to `predict_dataset` / `evaluate_model` as
+    `forward=` to reuse its compiled programs across evaluations (one per canvas).
+    """
     return jax.jit(lambda v, images, sizes: model.apply(v, images, sizes))
 
 
 def predict_dataset(
     model: FasterRCNN, variables, source, data_cfg, *, max_images: int = 0, progress: bool = True,
-    shard_index: int = 0, shard_count: int = 1,
+    shard_index: int = 0, shard_count: int = 1, forward=None,
 ):  # fmt: skip
     """Detections for every image of `source` (or the first `max_images`; shard_index::shard_count of them).
 
     Yields (batch, detections) per batch, detections in ORIGINAL image pixels:
     boxes [B, D, 4], scores [B, D], labels [B, D], valid [B, D] (numpy; padding
-    examples of the last batch have valid all False).
+    examples of the last batch have valid all False). forward: `make_forward(model)`
+    (default: a new one, compiled on first use).
     """
     variables = _variables(variables)
-    forward = _forward(model)
+    forward = make_forward(model) if forward is None else forward
     total = len(source) if not max_images else min(max_images, len(source))
     total = len(range(shard_index, total, shard_count))
     bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
@@ -68,13 +71,14 @@ def predict_dataset(
 
 def evaluate_model(
     model: FasterRCNN, variables, source, config, *, label_to_category_id=None, max_images=None, progress: bool = True,
-    voc: bool = False,
+    voc: bool = False, forward=None,
 ):
     """COCO box AP of the model on `source` -> `CocoEvalResult` (and VOC AP when voc=True).
 
     label_to_category_id: how model labels map to the source's category ids (default:
     the source's own map; torchvision's 91-class COCO models predict COCO ids directly).
     max_images: evaluate the first N images only (default config.train.eval_max_images).
+    forward: `make_forward(model)`, to reuse compiled programs across calls (default: a new one).
     Returns the COCO result, or (COCO result, VOC metrics dict) with voc=True.
     """
     mapping = source.label_to_category_id if label_to_category_id is None else label_to_category_id
@@ -86,7 +90,7 @@ def evaluate_model(
     rows = []
     predictions = predict_dataset(
         model, variables, source, config.data, max_images=max_images, progress=progress and process == 0,
-        shard_index=process, shard_count=processes,
+        shard_index=process, shard_count=processes, forward=forward,
     )  # fmt: skip
     for batch, det in predictions:
         det["valid"] &= np.isin(det["labels"], labels_known)  # classes this dataset does not have

@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 
 from frcnn_jax import model_checkpoint, run_checkpoint
 from frcnn_jax.data import builder as data_lib
-from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
+from frcnn_jax.evaluation.model_eval import evaluate_model, make_forward, predictions_png
 from frcnn_jax.evaluation.report import write_detections_json
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
@@ -228,6 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
         run_checkpoint.write_config(workdir, config.to_dict())
 
     model = FasterRCNN(model_cfg)
+    forward = make_forward(model)  # the evaluations share its compiled programs
     lr_fn = learning_rate_schedule(optim_cfg)
     ckpt = run_checkpoint.RunCheckpointer(
         workdir, max_to_keep=config.train.keep_checkpoints, async_save=bool(config.train.async_checkpoint)
@@ -312,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
                 monitor = reset_window(monitor)
             if eval_now:  # before the save: a kill between the two re-runs this evaluation
                 _barrier(f"evaluation_{done}")
-                result = evaluate_model(model, state, val_source, config, progress=False)
+                result = evaluate_model(model, state, val_source, config, progress=False, forward=forward)
                 writer.write(done, {f"eval/{k}": v for k, v in result.stats.items()})
             if checkpoint_now:
                 ckpt.save(done, state, monitor, train_iter, meta)
@@ -331,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
             return {}
 
         _barrier("final_evaluation")
-        result = evaluate_model(model, state, val_source, config)
+        result = evaluate_model(model, state, val_source, config, forward=forward)
         writer.write(num_steps, {f"eval/{k}": v for k, v in result.stats.items()})
         final = result.metrics()
         if is_writer:
