@@ -171,7 +171,7 @@ def test_grayscale_cmyk_and_exif_orientation(tmp_path, shared):
         ("", "is empty"),
         ("   \n", "is empty"),
         ("{\"images\": [", "malformed JSON"),
-        ("[1, 2]", "top level must be a JSON object"),
+        ("[1, 2]", "top level is a list"),
         (json.dumps({"images": [], "annotations": []}), "missing required key 'categories'"),
         (json.dumps({"images": [], "categories": []}), "missing required key 'annotations'"),
     ],
