@@ -29,8 +29,8 @@ Bad input policy (every message names the file and the image / annotation concer
 `coco_gt()` returns the file's own content (the dropped and clipped boxes as they are in
 the file), so pycocotools reproduces the official numbers.
 
-Images are decoded with PIL and converted to RGB (grayscale, CMYK and palette files
-work); EXIF orientation is NOT applied: COCO annotations refer to the stored pixels.
+Images are decoded by `images.decode_image` (PIL, converted to RGB: grayscale, CMYK and
+palette files work); EXIF orientation is NOT applied: COCO annotations refer to the stored pixels.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image
 
 from frcnn_jax.coco_format import coco_gt_problem
 from frcnn_jax.data.example import make_example
+from frcnn_jax.data.images import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -71,24 +71,6 @@ def load_coco_json(path: str) -> dict:
     return data
 
 
-def decode_image(path: str, image_id=None):
-    """Decodes an image file to uint8 [H, W, 3] RGB with PIL (no EXIF rotation).
-
-    Raises:
-      FileNotFoundError / ValueError naming the file (and image id) when it is missing or
-      cannot be decoded.
-    """
-    where = f"image file {path}" + (f" (image id {image_id})" if image_id is not None else "")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{where} not found")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode {where}: {e}") from e
-
-
 class CocoJsonSource:
     """Random-access source over a COCO JSON file and an image folder.
 
@@ -97,7 +79,7 @@ class CocoJsonSource:
       image_dir: folder holding the images' `file_name`s.
 
     Attributes:
-      num_classes, class_names, label_to_category_id, category_id_to_label: category maps.
+      num_classes, category_names, label_to_category_id, category_id_to_label: category maps.
       image_ids: int64 [len] image id of each record.
       stats: {"dropped": n, "clipped": n} counts of the bad boxes handled (see module doc).
     """
@@ -110,7 +92,7 @@ class CocoJsonSource:
 
         categories = sorted(data["categories"], key=lambda c: c["id"])
         cat_ids = [int(c["id"]) for c in categories]
-        self.class_names = [str(c["name"]) for c in categories]
+        self.category_names = [str(c["name"]) for c in categories]
         self.num_classes = len(categories)
         self.label_to_category_id = {i + 1: cid for i, cid in enumerate(cat_ids)}
         self.category_id_to_label = {cid: i + 1 for i, cid in enumerate(cat_ids)}

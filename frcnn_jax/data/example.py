@@ -11,9 +11,10 @@
 | "difficult" | bool [N] (VOC "difficult"; False elsewhere) |
 | "image_id" | int, the dataset's own id (COCO image id; the index for shapes) |
 
-Every source also has `num_classes` (without background), `class_names` (index i - 1 for
-label i), `label_to_category_id` (label -> the dataset's category id) and `coco_gt()`
-(COCO-format ground truth for evaluation, see `coco_gt.py`).
+Every source also has `num_classes` (without background), `category_names` (the name of
+label i at index i - 1; no background entry, unlike a checkpoint's `class_names`, whose
+index is the label and entry 0 the background), `label_to_category_id` (label -> the
+dataset's category id) and `coco_gt()` (COCO-format ground truth for evaluation, see `coco_gt.py`).
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from frcnn_jax.data import builder as data_lib
+from frcnn_jax.data.transforms import resize_boxes
 from frcnn_jax.evaluation.coco import evaluate_coco, to_coco_results
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN
-from frcnn_jax.modeling.postprocess import rescale_boxes
 
 
 def _variables(state_or_variables):
@@ -62,7 +62,8 @@ def predict_dataset(
     )
     for batch in batches:
         out = jax.device_get(forward(variables, batch["image"], batch["image_size"]))
-        boxes = np.stack([np.asarray(rescale_boxes(out["boxes"][i], batch["image_size"][i], batch["orig_size"][i])) for i in range(len(out["boxes"]))])
+        sizes = zip(out["boxes"], batch["image_size"], batch["orig_size"])
+        boxes = np.stack([resize_boxes(b, size, orig) for b, size, orig in sizes])  # back to original pixels
         valid = out["valid"] & batch["valid"][:, None]
         bar.update(int(batch["valid"].sum()))
         yield batch, {"boxes": boxes, "scores": out["scores"], "labels": out["labels"], "valid": valid}
@@ -129,7 +130,7 @@ def evaluate_model(
         e = by_id[image_id]
         voc_gt.append({"boxes": np.asarray(e["boxes"], np.float32).reshape(-1, 4), "labels": np.asarray(e["labels"], np.int64),
                        "difficult": np.asarray(e["difficult"], bool)})  # fmt: skip
-    names = list(source.class_names)
+    names = list(source.category_names)
     return coco, evaluate_voc(voc_gt, voc_dt, len(names), names)
 
 

@@ -179,7 +179,7 @@ def _barrier(name: str, timeout_s: int = 1800):
 def _run_meta(train_source, config) -> dict:
     """What a checkpoint records beside the weights, for inference from the work directory."""
     return {
-        "class_names": ["__background__"] + list(train_source.class_names),
+        "class_names": ["__background__"] + list(train_source.category_names),
         "label_to_category_id": {str(k): int(v) for k, v in train_source.label_to_category_id.items()},
         "min_size": int(config.data.test_min_size),
         "max_size": int(config.data.max_size),
