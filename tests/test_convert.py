@@ -15,7 +15,7 @@ from conftest import REPO
 
 @pytest.fixture(scope="module")
 def fpn_state_dict(torch, tmp_path_factory):
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     torch.manual_seed(0)
     sd = tr.build_fpn(num_classes=91).state_dict()

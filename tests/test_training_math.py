@@ -13,7 +13,7 @@ from frcnn_jax.modeling.rpn import rpn_loss
 from frcnn_jax.training.matcher import match
 from frcnn_jax.training.sampler import sample_balanced, sampled_indices
 from frcnn_jax.training.targets import box_head_targets, rpn_targets
-from helpers import random_boxes
+from frcnn_jax.testing.inputs import random_boxes
 
 
 def _pad(a, n, value=0):
