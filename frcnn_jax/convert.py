@@ -54,11 +54,10 @@ def _load_error_line(path: pathlib.Path, error: Exception) -> str:
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if found:  # a raw pickle of Python objects (a whole model, an optimizer, ...), never unpickled here
         return f"{path}: not a weights-only state dict (it pickles the Python object {found.group(1)}); {_RESAVE}"
-    if "Weights only load failed" in text:
-        tail = text.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in text else ""
+    if "WeightsUnpickler error:" in text:  # corrupt, or not a torch file at all
+        tail = text.split("WeightsUnpickler error:")[-1]
         detail = next((line.strip() for line in tail.splitlines() if line.strip()), "")
-        why = f" ({detail})" if detail else ""
-        return f"{path}: not a weights-only state dict: torch's safe loader rejects it{why}; {_RESAVE}"
+        return f"{path}: cannot be read as a torch state dict (torch's weights-only loader: {detail})"
     first = " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
     return f"{path}: cannot be read as a torch state dict ({type(error).__name__}: {first})"
 

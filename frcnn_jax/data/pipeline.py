@@ -4,6 +4,10 @@
                         min_size=800, max_size=1333, max_gt=100, train=True, seed=0)
     batch = next(it)
     state = it.get_state()       # JSON-serialisable; it.set_state(state) resumes exactly
+    it.close()                   # stops grain's threads / worker processes (or: with build_iterator(...) as it)
+
+num_workers > 0 starts grain worker processes, which read absl flags: parse them first
+(absl.app.run does; scripts and notebooks call absl.flags.FLAGS.mark_as_parsed()).
 
 Batch (numpy), B = batch_size, G = max_gt, (Hc, Wc) the batch's canvas:
 
