@@ -287,6 +287,7 @@ def build_dataset(
         of each global batch, eval this host's shard of the source (see the module doc).
     Returns:
       grain.IterDataset; `iter(ds)` gives an iterator with `get_state()` / `set_state()`.
+      Prefer `build_iterator`, whose `BatchIterator` also closes grain's workers at exit.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
