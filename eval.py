@@ -37,6 +37,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+if __name__ == "__main__":  # a typo'd --config.<field> is one line (exit 2), before ml_collections parses it
+    from frcnn_jax import config_cli
+
+    config_cli.exit_on_unknown_override(sys.argv, default_config=None)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Model mode: config file (configs/*.py) describing the dataset.", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "Model mode: model checkpoint directory or training work directory.")

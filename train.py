@@ -28,6 +28,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+if __name__ == "__main__":  # a typo'd --config.<field> is one line (exit 2), before ml_collections parses it
+    from frcnn_jax import config_cli
+
+    config_cli.exit_on_unknown_override(sys.argv, default_config=os.path.join(_HERE, "configs", "default.py"))
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (created; resumed if it holds a run).")
 config_flags.DEFINE_config_file(

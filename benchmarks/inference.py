@@ -27,13 +27,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(1, os.path.dirname(HERE))  # the repository: a plain checkout works too
 
 from _timing import machine_line, print_table  # noqa: E402
 
 
 def bench_image() -> np.ndarray:
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     return tr.structured_image(np.random.default_rng(0), 800, 1066)
 
@@ -91,7 +91,7 @@ def child(args) -> dict:
 def prepare(tmp: str, archs, threads: int):
     import torch
 
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
     from frcnn_jax import convert
 
     torch.set_num_threads(threads)

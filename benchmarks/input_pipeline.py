@@ -46,7 +46,9 @@ def main(argv=None):
     p.add_argument("--shared", default=os.path.join(HERE, "..", "..", "shared"))
     p.add_argument("--eval-images", type=int, default=96)
     args = p.parse_args(argv)
+    from absl import flags
 
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (defaults here)
     import jax
 
     from configs import default as default_config

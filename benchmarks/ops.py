@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(1, os.path.join(os.path.dirname(__file__), ".."))  # the repository: a plain checkout works too
 from _timing import compile_seconds, machine_line, median_seconds, print_table  # noqa: E402
-from helpers import clustered_boxes  # noqa: E402  (shared with the tests)
 
 from frcnn_jax import ops  # noqa: E402
+from frcnn_jax.testing.inputs import clustered_boxes  # noqa: E402  (shared with the tests)
 
 
 def proposal_rois(rng, n, height=800, width=1066):

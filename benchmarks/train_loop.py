@@ -93,6 +93,9 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="loop steps (default: 120 default, 24 coco128_fpn)")
     parser.add_argument("--log-every", type=int, default=0, help="log window (default: 20 default, 4 coco128_fpn)")
     args = parser.parse_args()
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes (data.num_workers "auto" on accelerators) read absl flags
     defaults = {"default": (120, 20, 1), "coco128_fpn": (24, 4, 2)}
     rows = []
     for name in args.configs.split(","):

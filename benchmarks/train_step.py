@@ -43,7 +43,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(1, os.path.dirname(HERE))  # the repository: a plain checkout works too
 
 from _timing import machine_line, print_table  # noqa: E402
 
@@ -60,7 +60,7 @@ SPECS = {
 
 def make_batch(spec, seed=0):
     """Images (uint8 HWC) and GT (boxes xyxy, labels 1..80) shared by both frameworks."""
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     _, _, (h, w), _, b, _, _ = spec
     rng = np.random.default_rng(seed)
@@ -106,7 +106,7 @@ def child_torch(name, spec, repeats, threads, batch_file):
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
 
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     torch.set_num_threads(threads)
     arch, depth, (h, w), _, b, rpn_n, roi_n = spec

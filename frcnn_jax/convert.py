@@ -44,6 +44,25 @@ class ConversionError(ValueError):
     """A state dict does not match the requested architecture (message lists the keys)."""
 
 
+_RESAVE = "re-save its weights where it was written: torch.save(model.state_dict(), path)"
+
+
+def _load_error_line(path: pathlib.Path, error: Exception) -> str:
+    """torch.load's (multi-line) refusal -> one line saying what the file is and how to re-save it."""
+    import re
+
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:  # a raw pickle of Python objects (a whole model, an optimizer, ...), never unpickled here
+        return f"{path}: not a weights-only state dict (it pickles the Python object {found.group(1)}); {_RESAVE}"
+    if "WeightsUnpickler error:" in text:  # corrupt, or not a torch file at all
+        tail = text.split("WeightsUnpickler error:")[-1]
+        detail = next((line.strip() for line in tail.splitlines() if line.strip()), "")
+        return f"{path}: cannot be read as a torch state dict (torch's weights-only loader: {detail})"
+    first = " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+    return f"{path}: cannot be read as a torch state dict ({type(error).__name__}: {first})"
+
+
 def load_state_dict(path) -> dict[str, np.ndarray]:
     """Loads a .pth state dict safely (weights_only=True) as float32 numpy arrays."""
     import torch
@@ -54,7 +73,7 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises various types for corrupt or unsafe files
-        raise ConversionError(f"{path}: cannot be read as a torch state dict ({type(e).__name__}: {e})") from None
+        raise ConversionError(_load_error_line(path, e)) from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -30,7 +30,6 @@ from frcnn_jax import model_checkpoint as ckpt
 from frcnn_jax.data import transforms
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN
-from frcnn_jax.modeling.postprocess import rescale_boxes
 
 
 def as_rgb_uint8(image, index: int = 0) -> np.ndarray:
@@ -139,7 +138,7 @@ class BatchedDetector:
         dets = []
         for k, (_, size, orig) in enumerate(items):
             keep = out["valid"][k] & (out["scores"][k] >= self.score_threshold)
-            boxes = np.asarray(rescale_boxes(out["boxes"][k][keep], size, orig), np.float32)
+            boxes = transforms.resize_boxes(out["boxes"][k][keep], size, orig)  # back to original pixels
             dets.append(
                 {
                     "boxes": boxes,

@@ -16,17 +16,20 @@ import pathlib
 import sys
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from frcnn_jax.visualize import draw_detections
+from frcnn_jax.visualize import draw_detections, label_name
 
 
 def detections_to_json(det: dict, class_names) -> list[dict]:
+    """Detections (boxes [K, 4], scores [K], labels [K]) -> JSON rows by decreasing score.
+
+    class_names: index = label, entry 0 = background (the checkpoint's `class_names`), or None.
+    """
     order = np.argsort(-det["scores"], kind="stable")
     out = []
     for k in order:
         label = int(det["labels"][k])
-        name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+        name = label_name(label, class_names)
         out.append(
             {
                 "box": [float(v) for v in det["boxes"][k]],
@@ -36,16 +39,6 @@ def detections_to_json(det: dict, class_names) -> list[dict]:
             }
         )
     return out
-
-
-def load_image(path: pathlib.Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image {path} cannot be decoded ({e})") from None
 
 
 def main(argv=None) -> int:
@@ -61,6 +54,7 @@ def main(argv=None) -> int:
         parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
 
     from frcnn_jax import compilation_cache
+    from frcnn_jax.data.images import decode_image
     from frcnn_jax.detector import Detector
 
     compilation_cache.enable()
@@ -73,7 +67,7 @@ def main(argv=None) -> int:
     try:
         detector = Detector.from_checkpoint(args.checkpoint, **kwargs)
         paths = [pathlib.Path(p) for p in args.images]
-        images = [load_image(p) for p in paths]
+        images = [decode_image(p) for p in paths]
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from frcnn_jax.io_utils import write_atomic
 from frcnn_jax.modeling.config import ModelConfig
 
 RUN_FORMAT = "frcnn_jax.run/2"
@@ -138,12 +139,10 @@ class RunCheckpointer:
 
 
 def write_config(workdir, config_dict: dict):
-    """WORKDIR/config.json, atomically (a temporary name unique to this process, then renamed)."""
+    """WORKDIR/config.json, atomically (`io_utils.write_atomic`)."""
     path = pathlib.Path(workdir) / CONFIG_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{CONFIG_JSON}.tmp-{jax.process_index()}")
-    tmp.write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=list))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(config_dict, indent=2, sort_keys=True, default=list))
 
 
 def read_config(workdir) -> dict:

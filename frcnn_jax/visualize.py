@@ -16,9 +16,14 @@ def class_color(label: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def label_name(label: int, class_names: Sequence[str] | None) -> str:
+    """The name of a model label: `class_names[label]` (index = label, entry 0 = background), else str(label)."""
+    return class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+
+
 def label_text(label: int, score: float, class_names: Sequence[str] | None) -> str:
-    name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
-    return f"{name}: {score:.2f}"
+    """The caption "name: score" (2 decimals)."""
+    return f"{label_name(label, class_names)}: {score:.2f}"
 
 
 def draw_detections(

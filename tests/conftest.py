@@ -19,6 +19,11 @@ import pathlib
 
 import jax
 import pytest
+from absl import flags
+
+# grain's worker processes (num_workers > 0) read absl flags; the suite runs outside absl.app.run.
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

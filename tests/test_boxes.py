@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from frcnn_jax import ops
-from helpers import random_boxes
+from frcnn_jax.testing.inputs import random_boxes
 
 SEEDS = [0, 1, 2]
 

@@ -16,7 +16,7 @@ from conftest import REPO
 
 @pytest.fixture(scope="module")
 def fpn_state_dict(torch, tmp_path_factory):
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     torch.manual_seed(0)
     sd = tr.build_fpn(num_classes=91).state_dict()
@@ -116,3 +116,19 @@ def test_cli(torch, tmp_path):
     r = subprocess.run(env_py + ["--arch", "resnet50", "--checkpoint", str(tmp_path / "notsd.pth"), "--out", str(tmp_path / "o")],
                        cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "expected a state dict" in r.stderr
+
+
+def test_legacy_pickle_is_refused_in_one_line(torch, tmp_path):
+    """A raw pickle (a whole module) is never unpickled; the error says so and how to re-save it."""
+    torch.save(torch.nn.Linear(2, 3), tmp_path / "legacy.pth")
+    r = subprocess.run(
+        [sys.executable, "-m", "frcnn_jax.convert", "--arch=resnet50", f"--checkpoint={tmp_path / 'legacy.pth'}",
+         f"--out={tmp_path / 'out'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'legacy.pth'}: not a weights-only state dict (it pickles the Python object "
+        "torch.nn.modules.linear.Linear); re-save its weights where it was written: torch.save(model.state_dict(), path)"
+    ]
+    assert not (tmp_path / "out").exists()

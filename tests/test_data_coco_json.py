@@ -41,11 +41,11 @@ def test_coco128_category_mapping(coco128):
     source, raw = coco128
     assert source.num_object_classes == 80
     assert list(source.label_to_category_id.values()) == list(COCO_CATEGORY_IDS)  # sorted ids, gaps kept
-    assert source.class_names[0] == "person" and source.class_names[-1] == "toothbrush"
+    assert source.category_names[0] == "person" and source.category_names[-1] == "toothbrush"
     for label, cid in source.label_to_category_id.items():
         assert source.category_id_to_label[cid] == label
     names = {c["id"]: c["name"] for c in raw["categories"]}
-    assert all(source.class_names[label - 1] == names[cid] for label, cid in source.label_to_category_id.items())
+    assert all(source.category_names[label - 1] == names[cid] for label, cid in source.label_to_category_id.items())
 
 
 def test_coco128_boxes_equal_json(coco128):
@@ -106,7 +106,7 @@ def _tiny(tmp_path, shared, annotations=None, images=None, categories=None):
 def test_tiny_dataset_and_category_order(tmp_path, shared):
     ann, img_dir = _tiny(tmp_path, shared)
     source = CocoJsonSource(ann, img_dir)
-    assert source.class_names == ["person", "car"] and source.label_to_category_id == {1: 1, 2: 3}
+    assert source.category_names == ["person", "car"] and source.label_to_category_id == {1: 1, 2: 3}
     ex = source[0]
     np.testing.assert_array_equal(ex["boxes"], [[10, 20, 40, 60]])
     assert ex["labels"].tolist() == [2] and ex["image"].shape == (480, 640, 3)
@@ -171,7 +171,7 @@ def test_grayscale_cmyk_and_exif_orientation(tmp_path, shared):
         ("", "is empty"),
         ("   \n", "is empty"),
         ("{\"images\": [", "malformed JSON"),
-        ("[1, 2]", "top level must be a JSON object"),
+        ("[1, 2]", "top level is a list"),
         (json.dumps({"images": [], "annotations": []}), "missing required key 'categories'"),
         (json.dumps({"images": [], "categories": []}), "missing required key 'annotations'"),
     ],

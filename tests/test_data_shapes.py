@@ -34,7 +34,7 @@ def test_deterministic_and_splits_differ():
 
 def test_records_valid_and_in_range(rendered):
     ds, items = rendered
-    assert ds.num_object_classes == len(ds.class_names) == len(SHAPE_NAMES)
+    assert ds.num_object_classes == len(ds.category_names) == len(SHAPE_NAMES)
     assert ds.label_to_category_id == {i: i for i in range(1, ds.num_object_classes + 1)}
     counts, all_labels, sizes = [], [], []
     for ex, _ in items:
@@ -96,7 +96,7 @@ def test_overlap_limited_and_never_hidden(rendered):
 def test_options_and_errors():
     ds = ShapesDataset("val", num_images=3, image_size=(64, 96), min_objects=2, max_objects=2, min_size=8,
                        max_size=24, classes=("cross", "circle"))
-    assert ds.class_names == ["cross", "circle"] and ds.num_object_classes == 2 and len(ds) == 3
+    assert ds.category_names == ["cross", "circle"] and ds.num_object_classes == 2 and len(ds) == 3
     for i in range(3):
         ex = ds[i]
         assert ex["image"].shape == (64, 96, 3) and len(ex["boxes"]) == 2

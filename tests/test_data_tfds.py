@@ -14,7 +14,7 @@ import pytest
 
 from frcnn_jax.categories import COCO_CATEGORY_IDS, VOC_CLASS_NAMES
 from frcnn_jax.data import TfdsSource, validate_example
-from frcnn_jax.data.coco_json import decode_image
+from frcnn_jax.data.images import decode_image
 
 import tensorflow_datasets as tfds  # a runtime dependency: a missing one is an error, not a skip
 
@@ -153,7 +153,7 @@ def test_coco_records(tiny_tfds):
     source = TfdsSource("coco/2017", "validation", data_dir=str(data_dir))
     assert len(source) == len(COCO_IMAGE_IDS) and source.num_object_classes == 80
     assert source.label_to_category_id == {i + 1: c for i, c in enumerate(COCO_CATEGORY_IDS)}
-    assert source.class_names[0] == "person"
+    assert source.category_names[0] == "person"
     records = {ex["image_id"]: ex for ex in (source[i] for i in range(len(source)))}  # tfds shuffles by key
     assert sorted(records) == sorted(COCO_IMAGE_IDS)
     n_crowd = 0
@@ -192,7 +192,7 @@ def test_voc_records_and_gt(tiny_tfds):
     data_dir, _, _, _ = tiny_tfds
     source = TfdsSource("voc/2007", "test", data_dir=str(data_dir))
     assert len(source) == 2 and source.num_object_classes == 20
-    assert source.class_names == list(VOC_CLASS_NAMES) and source.label_to_category_id[20] == 20
+    assert source.category_names == list(VOC_CLASS_NAMES) and source.label_to_category_id[20] == 20
     by_id = {source[i]["image_id"]: source[i] for i in range(2)}
     assert set(by_id) == {9, 25}  # ids from the file names
     ex = by_id[9]

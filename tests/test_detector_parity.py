@@ -51,7 +51,7 @@ def _match_rate(ref_boxes, ref_scores, ref_labels, boxes, scores, labels, score_
 @pytest.fixture(scope="module", params=["c4", "fpn"])
 def pair(request, torch, shared, tmp_path_factory):
     """(arch, calibrated torchvision model, our variables/config, preprocessed ImageList, raw image)."""
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
     from PIL import Image
 
     arch = request.param
@@ -82,7 +82,7 @@ def pair(request, torch, shared, tmp_path_factory):
 
 
 def test_features_and_rpn_head(pair, torch):
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     m = FasterRCNN(pair["cfg"])
     images = jnp.asarray(pair["images"].tensors.permute(0, 2, 3, 1).numpy())
@@ -102,7 +102,7 @@ def test_features_and_rpn_head(pair, torch):
 
 
 def test_proposals_from_same_rpn_outputs(pair, torch):
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     cfg = pair["cfg"]
     with torch.no_grad():

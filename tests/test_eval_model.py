@@ -12,7 +12,7 @@ from conftest import REPO
 
 
 def test_eval_converted_checkpoint_on_coco128(torch, shared, tmp_path):
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     torch.manual_seed(0)
     model = tr.build_fpn(num_classes=91)

@@ -198,9 +198,9 @@ def test_to_coco_results_converts_boxes_maps_categories_and_drops_padding():
         (lambda gt, dt: dt[0].update(bbox=[0, 0, 1]), r"item 0 'bbox' must be 4 finite numbers"),
         (lambda gt, dt: dt[0].update(bbox=[5, 5, -1, 3]), r"negative width or height"),
         (lambda gt, dt: dt[0].pop("score"), r"item 0 has no finite numeric 'score'"),
-        (lambda gt, dt: gt["annotations"][1].pop("area"), r"annotations\[1\] \(id 2\) has no numeric 'area'"),
-        (lambda gt, dt: gt.pop("categories"), r"not a COCO ground-truth file: missing key 'categories'"),
-        (lambda gt, dt: gt["annotations"][2].update(id=1), r"annotations\[2\] repeats id 1"),
+        (lambda gt, dt: gt["annotations"][1].pop("area"), r"annotation id 2 \(annotations\[1\]\) has no numeric 'area'"),
+        (lambda gt, dt: gt.pop("categories"), r"not a COCO ground-truth file: missing required key 'categories'"),
+        (lambda gt, dt: gt["annotations"][2].update(id=1), r"duplicate annotation id 1 \(annotations\[2\]\)"),
     ],
 )  # fmt: skip
 def test_bad_coco_inputs_raise_clear_errors(mutate, match):

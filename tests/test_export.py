@@ -48,7 +48,7 @@ R50_FPN = r50_fpn(num_classes=91, **{"backbone.bn_eps": 0.0})
 @pytest.fixture(scope="module")
 def r50(torch, shared, tmp_path_factory):
     """{"ckpt": converted checkpoint, "paths": photo files, "photos": uint8 arrays, "tmp": dir}."""
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
     from PIL import Image
 
     from frcnn_jax import convert

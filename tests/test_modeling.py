@@ -11,7 +11,7 @@ from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 from frcnn_jax.modeling.fpn import upsample_nearest
 from frcnn_jax.modeling.poolers import fpn_levels
-from helpers import random_boxes
+from frcnn_jax.testing.inputs import random_boxes
 
 SMALL = {  # dotted ModelConfig fields (`ModelConfig.from_dict`)
     "num_classes": 4, "backbone": {"depth": 18, "width": 8, "fpn_channels": 16}, "roi_heads.representation_size": 32,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from frcnn_jax import ops
-from helpers import clustered_boxes, distinct_scores, random_boxes
+from frcnn_jax.testing.inputs import clustered_boxes, distinct_scores, random_boxes
 
 
 def _tv_nms(torch, torchvision, boxes, scores, thr):

@@ -13,7 +13,7 @@ from conftest import REPO
 
 
 def test_predict_cli_draws_and_writes_json(torch, shared, tmp_path):
-    import torch_reference as tr
+    from frcnn_jax.testing import torch_reference as tr
 
     torch.manual_seed(0)
     model = tr.build_fpn(num_classes=91)

@@ -266,7 +266,7 @@ def test_an_error_after_the_bar_started_prints_on_its_own_line(tmp_path):
     coco = {
         "images": [{"id": i, "file_name": f"{i}.png", "height": 128, "width": 128} for i in range(len(source))],
         "annotations": annotations,
-        "categories": [{"id": c, "name": n} for c, n in enumerate(source.class_names, start=1)],
+        "categories": [{"id": c, "name": n} for c, n in enumerate(source.category_names, start=1)],
     }
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     data = [f"--config.data.coco_json.{split}_{kind}={tmp_path / 'ann.json' if kind == 'annotations' else images}"

@@ -12,7 +12,7 @@ from frcnn_jax.modeling.matcher import match
 from frcnn_jax.modeling.roi_heads import box_head_loss, box_head_targets
 from frcnn_jax.modeling.rpn import rpn_loss, rpn_targets
 from frcnn_jax.modeling.sampler import sample_balanced, sampled_indices
-from helpers import random_boxes
+from frcnn_jax.testing.inputs import random_boxes
 
 
 def _pad(a, n, value=0):

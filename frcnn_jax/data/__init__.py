@@ -13,7 +13,7 @@ in `pipeline.py`. `TfdsSource` imports tensorflow_datasets only when constructed
 from frcnn_jax.data.coco_gt import coco_gt_from_targets
 from frcnn_jax.data.coco_json import CocoJsonSource
 from frcnn_jax.data.example import EXAMPLE_KEYS, make_example, validate_example
-from frcnn_jax.data.pipeline import BATCH_KEYS, build_dataset, build_iterator
+from frcnn_jax.data.pipeline import BATCH_KEYS, BatchIterator, build_dataset, build_iterator
 from frcnn_jax.data.shapes import SHAPE_NAMES, ShapesDataset
 from frcnn_jax.data.tfds_source import TfdsSource
 from frcnn_jax.data.transforms import (
@@ -36,6 +36,7 @@ __all__ = [
     "IMAGE_MEAN",
     "IMAGE_STD",
     "SHAPE_NAMES",
+    "BatchIterator",
     "CocoJsonSource",
     "ShapesDataset",
     "TfdsSource",

@@ -105,7 +105,11 @@ def _min_sizes(data):
 
 
 def train_iterator(source, data, *, seed: int, num_hosts: int | None = None):
-    """Endless shuffled, augmented batches of the host's share of `data.batch_size`."""
+    """Endless shuffled, augmented batches of the host's share of `data.batch_size`.
+
+    Augmentation: random min_size (a tuple `data.min_size`) and, with `data.hflip`, a
+    horizontal flip with p = 0.5.
+    """
     import jax
 
     hosts = jax.process_count() if num_hosts is None else num_hosts
@@ -119,6 +123,7 @@ def train_iterator(source, data, *, seed: int, num_hosts: int | None = None):
         max_size=int(data.max_size),
         max_gt=int(data.max_gt),
         train=True,
+        hflip=bool(data.hflip),
         seed=int(seed),
         num_workers=_num_workers(data),
     )

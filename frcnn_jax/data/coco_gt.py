@@ -14,7 +14,7 @@ import numpy as np
 
 def coco_gt_from_targets(
     entries: Iterable[Mapping],
-    class_names: Sequence[str],
+    category_names: Sequence[str],
     label_to_category_id: Mapping[int, int],
 ) -> dict:
     """COCO ground truth from per-image targets.
@@ -23,7 +23,7 @@ def coco_gt_from_targets(
       entries: one mapping per image with "image_id" (int), "height", "width" (ints),
         "file_name" (str), "boxes" [N, 4] (x1, y1, x2, y2) pixels, "labels" [N] (1..K),
         "is_crowd" [N] bool, and optionally "area" [N] (default: box width * height).
-      class_names: name of label i at index i - 1.
+      category_names: name of label i at index i - 1.
       label_to_category_id: contiguous label -> category id written to the annotations.
     Returns:
       dict with "images", "annotations", "categories" (plain Python numbers, JSON-serialisable).
@@ -55,5 +55,5 @@ def coco_gt_from_targets(
                     "iscrowd": int(crowd[k]),
                 }
             )
-    categories = [{"id": int(label_to_category_id[i + 1]), "name": str(name)} for i, name in enumerate(class_names)]
+    categories = [{"id": int(label_to_category_id[i + 1]), "name": str(name)} for i, name in enumerate(category_names)]
     return {"images": images, "annotations": annotations, "categories": categories}

@@ -15,8 +15,9 @@ Bad input policy (every message names the file and the image / annotation concer
   annotation `id`/`image_id`/`category_id`/`bbox`; category `id`/`name`): ValueError
   naming the file and the key, raised by the constructor.
 - an annotation whose `category_id` is not among the categories, or whose `image_id` is
-  not among the images, or whose bbox is not 4 finite numbers: ValueError naming the
-  annotation id and the value, raised by the constructor.
+  not among the images, or whose bbox is not 4 finite numbers, or a repeated id: ValueError
+  naming the annotation id and the value, raised by the constructor.
+  (The structural checks are `frcnn_jax.coco_format.coco_gt_problem`, shared with the evaluation.)
 - a bbox with w <= 0 or h <= 0 (or lying entirely outside its image): dropped from the
   records, counted in `stats["dropped"]`, logged once as a summary.
 - a bbox partly outside its image: clipped to the image in the records, counted in
@@ -28,35 +29,32 @@ Bad input policy (every message names the file and the image / annotation concer
 `coco_gt()` returns the file's own content (the dropped and clipped boxes as they are in
 the file), so pycocotools reproduces the official numbers.
 
-Images are decoded with PIL and converted to RGB (grayscale, CMYK and palette files
-work); EXIF orientation is NOT applied: COCO annotations refer to the stored pixels.
+Images are decoded by `images.decode_image` (PIL, converted to RGB: grayscale, CMYK and
+palette files work); EXIF orientation is NOT applied: COCO annotations refer to the stored pixels.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 
 import numpy as np
-from PIL import Image
 
+from frcnn_jax.coco_format import coco_gt_problem
 from frcnn_jax.data.example import make_example
+from frcnn_jax.data.images import decode_image
 
 logger = logging.getLogger(__name__)
 
-_IMAGE_KEYS = ("id", "file_name", "width", "height")
-_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
-_CATEGORY_KEYS = ("id", "name")
-
 
 def load_coco_json(path: str) -> dict:
-    """Reads and structurally checks a COCO annotation file.
+    """Reads and structurally checks a COCO annotation file (`coco_format.coco_gt_problem`, training keys).
 
     Raises:
       FileNotFoundError if the file is missing; ValueError naming the file for an empty
-      file, malformed JSON, a non-object top level or a missing top-level key.
+      file, malformed JSON, or the first structural problem (a missing key, an unknown
+      category_id / image_id, an invalid bbox, a duplicate id, ...).
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -67,41 +65,10 @@ def load_coco_json(path: str) -> dict:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{path}: missing required key '{key}'")
-        if not isinstance(data[key], list):
-            raise ValueError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
+    problem = coco_gt_problem(data, training=True)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return data
-
-
-def _require(path, kind, entry, keys, position):
-    if not isinstance(entry, dict):
-        raise ValueError(f"{path}: {kind} #{position} must be an object, got {entry!r:.80}")
-    for key in keys:
-        if key not in entry:
-            name = f"{kind} id {entry['id']}" if "id" in entry else f"{kind} #{position}"
-            raise ValueError(f"{path}: {name} is missing required key '{key}'")
-
-
-def decode_image(path: str, image_id=None):
-    """Decodes an image file to uint8 [H, W, 3] RGB with PIL (no EXIF rotation).
-
-    Raises:
-      FileNotFoundError / ValueError naming the file (and image id) when it is missing or
-      cannot be decoded.
-    """
-    where = f"image file {path}" + (f" (image id {image_id})" if image_id is not None else "")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{where} not found")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode {where}: {e}") from e
 
 
 class CocoJsonSource:
@@ -112,8 +79,7 @@ class CocoJsonSource:
       image_dir: folder holding the images' `file_name`s.
 
     Attributes:
-      num_object_classes (without background), class_names, label_to_category_id,
-      category_id_to_label: category maps.
+      num_object_classes, category_names, label_to_category_id, category_id_to_label: category maps.
       image_ids: int64 [len] image id of each record.
       stats: {"dropped": n, "clipped": n} counts of the bad boxes handled (see module doc).
     """
@@ -122,54 +88,26 @@ class CocoJsonSource:
         self.annotation_file = os.fspath(annotation_file)
         self.image_dir = os.fspath(image_dir)
         path = self.annotation_file
-        data = load_coco_json(path)
+        data = load_coco_json(path)  # checked: unique ids, known references, valid bboxes
 
-        for i, c in enumerate(data["categories"]):
-            _require(path, "category", c, _CATEGORY_KEYS, i)
         categories = sorted(data["categories"], key=lambda c: c["id"])
         cat_ids = [int(c["id"]) for c in categories]
-        if len(set(cat_ids)) != len(cat_ids):
-            raise ValueError(f"{path}: duplicate category ids in 'categories'")
-        self.class_names = [str(c["name"]) for c in categories]
+        self.category_names = [str(c["name"]) for c in categories]
         self.num_object_classes = len(categories)
         self.label_to_category_id = {i + 1: cid for i, cid in enumerate(cat_ids)}
         self.category_id_to_label = {cid: i + 1 for i, cid in enumerate(cat_ids)}
 
-        for i, im in enumerate(data["images"]):
-            _require(path, "image", im, _IMAGE_KEYS, i)
         images = data["images"]
         self.image_ids = np.array([int(im["id"]) for im in images], np.int64)
         self.file_names = [str(im["file_name"]) for im in images]
         self.heights = np.array([int(im["height"]) for im in images], np.int64)
         self.widths = np.array([int(im["width"]) for im in images], np.int64)
-        row_of = {}
-        for row, image_id in enumerate(self.image_ids.tolist()):
-            if image_id in row_of:
-                raise ValueError(f"{path}: duplicate image id {image_id} in 'images'")
-            row_of[image_id] = row
+        row_of = {image_id: row for row, image_id in enumerate(self.image_ids.tolist())}
 
         per_image = [[] for _ in images]
         dropped, clipped = [], []
-        for i, ann in enumerate(data["annotations"]):
-            _require(path, "annotation", ann, _ANNOTATION_KEYS, i)
-            ann_id, image_id, cat_id = ann["id"], ann["image_id"], ann["category_id"]
-            if cat_id not in self.category_id_to_label:
-                raise ValueError(
-                    f"{path}: annotation id {ann_id} has unknown category_id {cat_id!r} (not in 'categories')"
-                )
-            if image_id not in row_of:
-                raise ValueError(
-                    f"{path}: annotation id {ann_id} refers to unknown image_id {image_id!r} (not in 'images')"
-                )
-            bbox = ann["bbox"]
-            if (
-                not isinstance(bbox, (list, tuple))
-                or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
-            ):
-                raise ValueError(
-                    f"{path}: annotation id {ann_id} has an invalid bbox {bbox!r} (need 4 finite numbers [x, y, w, h])"
-                )
+        for ann in data["annotations"]:
+            ann_id, image_id, cat_id, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
             row = row_of[image_id]
             x, y, w, h = (float(v) for v in bbox)
             if w <= 0 or h <= 0:

@@ -12,9 +12,10 @@
 | "image_id" | int, the dataset's own id (COCO image id; the index for shapes) |
 
 Every source also has `num_object_classes` (the object classes, WITHOUT background; the
-model's `num_classes` counts background too: num_object_classes + 1), `class_names` (index
-i - 1 for label i), `label_to_category_id` (label -> the dataset's category id) and `coco_gt()`
-(COCO-format ground truth for evaluation, see `coco_gt.py`).
+model's `num_classes` counts background too: num_object_classes + 1), `category_names` (the name of
+label i at index i - 1; no background entry, unlike a checkpoint's `class_names`, whose
+index is the label and entry 0 the background), `label_to_category_id` (label -> the
+dataset's category id) and `coco_gt()` (COCO-format ground truth for evaluation, see `coco_gt.py`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@
                         min_size=800, max_size=1333, max_gt=100, train=True, seed=0)
     batch = next(it)
     state = it.get_state()       # JSON-serialisable; it.set_state(state) resumes exactly
+    it.close()                   # stops grain's threads / worker processes (or: with build_iterator(...) as it)
+
+num_workers > 0 starts grain worker processes, which read absl flags: parse them first
+(absl.app.run does; scripts and notebooks call absl.flags.FLAGS.mark_as_parsed()).
 
 Batch (numpy), B = batch_size, G = max_gt, (Hc, Wc) the batch's canvas:
 
@@ -22,7 +26,7 @@ Batch (numpy), B = batch_size, G = max_gt, (Hc, Wc) the batch's canvas:
 Per image (`_PrepareExample`, in the grain workers): read the record, choose min_size
 (training with a tuple: one value per image, drawn from the image's RNG like torchvision's
 random choice; eval: the last value, as torchvision), resize like torchvision
-(`transforms.resize_image`), flip horizontally with p = 0.5 (training), normalise, choose
+(`transforms.resize_image`), flip horizontally with p = 0.5 (training with hflip), normalise, choose
 the smallest canvas that holds the resized image and pad the targets to G rows
 (`transforms.pad_targets`, truncation logged). Crowd boxes stay in the targets with
 `is_crowd` True (the training step ignores them). Padding examples of eval batches have
@@ -66,7 +70,6 @@ its own agreement across hosts.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import weakref
 from typing import Any, Sequence
@@ -77,12 +80,12 @@ import numpy as np
 from frcnn_jax.data.transforms import (
     check_canvases,
     choose_canvas,
-    hflip,
     normalize,
     pad_targets,
     resize_boxes,
     resize_image,
 )
+from frcnn_jax.data.transforms import hflip as flip_horizontally
 
 BATCH_KEYS = (
     "image", "image_size", "orig_size", "boxes", "labels", "gt_valid", "is_crowd", "difficult", "image_id", "valid",
@@ -99,9 +102,9 @@ class _PrepareExample:
     position), "valid" bool. Source index -1 gives a padding example.
     """
 
-    def __init__(self, source, *, seed, train, min_sizes, max_size, canvases, max_gt):
+    def __init__(self, source, *, seed, train, min_sizes, max_size, canvases, max_gt, hflip=True):
         self.source = source
-        self.seed, self.train = seed, train
+        self.seed, self.train, self.hflip = seed, train, hflip
         self.min_sizes, self.max_size = min_sizes, max_size
         self.canvases, self.max_gt = canvases, max_gt
 
@@ -114,14 +117,14 @@ class _PrepareExample:
         if self.train:
             rng = np.random.default_rng([self.seed, 0, stream_position])
             min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
-            flip = bool(rng.random() < 0.5)
+            flip = bool(rng.random() < 0.5) and self.hflip  # drawn either way: hflip keeps the other draws
         else:
             min_size, flip = self.min_sizes[-1], False
         orig_hw = image.shape[:2]
         resized, new_hw = resize_image(image, min_size, self.max_size)
         boxes = resize_boxes(ex["boxes"], orig_hw, new_hw)
         if flip:
-            resized, boxes = hflip(resized, boxes)
+            resized, boxes = flip_horizontally(resized, boxes)
         try:
             canvas = choose_canvas(new_hw[0], new_hw[1], self.canvases)
         except ValueError as e:
@@ -231,12 +234,16 @@ class _CanvasBatchDataset(grain.IterDataset):
         return f"CanvasBatchDataset(batch_size={self._batch_size}, train={self._train})"
 
 
-def _ensure_absl_flags_parsed():
-    """grain's worker processes read absl flags; outside `absl.app.run` (scripts, pytest) mark them parsed."""
+def _check_absl_flags_parsed(num_workers: int) -> None:
+    """grain (0.2.x) reads its absl flags when it starts worker processes; unparsed flags make that fail."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+        raise ValueError(
+            f"num_workers={num_workers}: grain's worker processes read absl flags, which are not parsed yet; run "
+            "under absl.app.run, or parse them first (absl.flags.FLAGS(sys.argv), or FLAGS.mark_as_parsed() to keep "
+            "the defaults), or use num_workers=0"
+        )
 
 
 def build_dataset(
@@ -248,6 +255,7 @@ def build_dataset(
     max_size: int,
     max_gt: int = 100,
     train: bool,
+    hflip: bool = True,
     seed: int = 0,
     num_workers: int = 0,
     num_threads: int = 2,
@@ -267,6 +275,8 @@ def build_dataset(
       max_size: cap on the long side after resizing.
       max_gt: ground-truth rows per image (more are truncated with a warning).
       train: shuffle + repeat forever + random horizontal flip; else every image once, in order.
+      hflip: training only: flip each image horizontally with p = 0.5 (False: never; the
+        shuffle and the min_size draws are the same either way).
       seed: shuffle and augmentation seed (0 <= seed < 2**32).
       num_workers: 0 prepares images in this process (`num_threads` threads); N > 0 uses
         N grain worker processes. The batches are the same for every value.
@@ -277,6 +287,7 @@ def build_dataset(
         of each global batch, eval this host's shard of the source (see the module doc).
     Returns:
       grain.IterDataset; `iter(ds)` gives an iterator with `get_state()` / `set_state()`.
+      Prefer `build_iterator`, whose `BatchIterator` also closes grain's workers at exit.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -308,7 +319,7 @@ def build_dataset(
 
     prepare = _PrepareExample(
         source, seed=seed, train=train, min_sizes=min_sizes,
-        max_size=int(max_size), canvases=canvases, max_gt=int(max_gt),
+        max_size=int(max_size), canvases=canvases, max_gt=int(max_gt), hflip=bool(hflip),
     )  # fmt: skip
     if train:
         stream = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
@@ -331,7 +342,7 @@ def build_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * batch_size, num_threads))
     )
     if num_workers > 0:
-        _ensure_absl_flags_parsed()
+        _check_absl_flags_parsed(num_workers)
         options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=batch_size)
         reader = reader.mp_prefetch(options)
     batches = _CanvasBatchDataset(reader, examples, prepare, batch_size, train)
@@ -340,44 +351,56 @@ def build_dataset(
     return batches
 
 
-_LIVE_ITERATORS: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+class BatchIterator(grain.DatasetIterator):
+    """The pipeline's iterator of batches: `next`, `get_state()` / `set_state()`, `close()`.
 
-
-@atexit.register
-def _close_live_iterators():
-    """At interpreter exit, closes the iterators `build_iterator` made, before module teardown.
-
-    grain otherwise closes its threads and worker processes from `__del__` during teardown,
-    when its module globals are already gone: that prints "Exception ignored in __del__"
-    errors and leaks shared memory. After closing, grain's `__del__` is made a no-op for
-    the rest of the shutdown.
+    `close()` stops grain's threads and worker processes and frees their shared memory
+    (idempotent; later `next()` calls raise ValueError). An iterator that is not closed is
+    closed when it is garbage-collected, or at interpreter exit through `weakref.finalize`,
+    which runs before module teardown (grain's own `__del__` cleanup fails during teardown).
+    Also a context manager (`with build_iterator(...) as it:`).
     """
-    for iterator in list(_LIVE_ITERATORS):
-        iterator.close()
-    gc.collect()  # frees grain's shared-memory arrays caught in reference cycles...
-    _flush_shared_memory_deletions()  # ...whose unlinking grain finishes in a thread pool
-    grain.DatasetIterator.__del__ = lambda self: None
+
+    def __init__(self, dataset: grain.IterDataset):
+        super().__init__()
+        # The finalizer holds the only reference to grain's iterator chain, so closing releases
+        # it at once (not at teardown).
+        self._release = weakref.finalize(self, _close_chain, [dataset.__iter__()])
+
+    def _chain(self) -> grain.DatasetIterator:
+        alive = self._release.peek()
+        if alive is None:
+            raise ValueError("the batch iterator is closed")
+        return alive[2][0][0]
+
+    def __next__(self) -> dict:
+        return next(self._chain())
+
+    def get_state(self) -> dict:
+        return self._chain().get_state()
+
+    def set_state(self, state: dict):
+        self._chain().set_state(state)
+
+    def close(self) -> None:
+        self._release()
+
+    def __enter__(self) -> "BatchIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __str__(self) -> str:
+        return "BatchIterator"
 
 
-def _flush_shared_memory_deletions():
-    """Waits for grain's asynchronous shared-memory unlinking (private API, best effort)."""
-    try:
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-
-        pool = SharedMemoryArray._del_thread_pool
-    except (ImportError, AttributeError):
-        return
-    if pool is not None:
-        SharedMemoryArray._del_thread_pool = None  # later deletions run synchronously
-        pool.close()
-        pool.join()
+def _close_chain(holder: list) -> None:
+    """Closes grain's iterator chain (public `close()`) and drops it, collecting its reference cycles now."""
+    holder.pop().close()
+    gc.collect()
 
 
-def build_iterator(source: Any, **kwargs) -> grain.DatasetIterator:
-    """`iter(build_dataset(source, **kwargs))`: an iterator of batches with `get_state()` / `set_state()`.
-
-    Call `close()` when done with it (it is closed at interpreter exit otherwise).
-    """
-    iterator = iter(build_dataset(source, **kwargs))
-    _LIVE_ITERATORS.add(iterator)
-    return iterator
+def build_iterator(source: Any, **kwargs) -> BatchIterator:
+    """A `BatchIterator` over `build_dataset(source, **kwargs)`; `close()` it when done (or use `with`)."""
+    return BatchIterator(build_dataset(source, **kwargs))

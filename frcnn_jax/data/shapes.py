@@ -28,6 +28,7 @@ import numpy as np
 from frcnn_jax.data.coco_gt import coco_gt_from_targets
 from frcnn_jax.data.example import make_example
 from frcnn_jax.data.transforms import resize_bilinear
+from frcnn_jax.host_boxes import iou_one_to_many
 
 SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "cross")
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -94,19 +95,6 @@ def _background(rng: np.random.Generator, height: int, width: int):
     return bg.astype(np.float32)
 
 
-def _box_iou(box, boxes):
-    """IoU of one box [4] against [M, 4] (pixel-edge coordinates)."""
-    if len(boxes) == 0:
-        return np.zeros(0)
-    boxes = np.asarray(boxes, np.float64)
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = np.prod(box[2:] - box[:2])
-    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    return inter / (area + areas - inter)
-
-
 def _tight_box(mask, x0: int, y0: int):
     """Tight (x1, y1, x2, y2) pixel-edge box of a boolean mask whose origin is (x0, y0)."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -166,8 +154,8 @@ class ShapesDataset:
         self.min_size, self.max_size = float(min_size), float(max_size)
         self.max_iou = float(max_iou)
         self.max_aspect = float(max_aspect)
-        self.class_names = list(classes)
-        self.num_object_classes = len(self.class_names)
+        self.category_names = list(classes)
+        self.num_object_classes = len(self.category_names)
         self.label_to_category_id = {i + 1: i + 1 for i in range(self.num_object_classes)}
 
     def __len__(self) -> int:
@@ -216,11 +204,12 @@ class ShapesDataset:
                 x1, y1 = min(int(math.ceil(fx0 + w)), width), min(int(math.ceil(fy0 + h)), height)
                 u = (np.arange(x0, x1) + 0.5 - (fx0 + w / 2)) / (w / 2)
                 v = (np.arange(y0, y1) + 0.5 - (fy0 + h / 2)) / (h / 2)
-                mask = _shape_mask(self.class_names[cls], u[None, :], v[:, None], flip=bool(rng.integers(2)))
+                mask = _shape_mask(self.category_names[cls], u[None, :], v[:, None], flip=bool(rng.integers(2)))
                 if mask.sum() < _MIN_PIXELS:
                     continue
                 box = _tight_box(mask, x0, y0)
-                if np.any(_box_iou(box, boxes) > self.max_iou):
+                placed = np.asarray(boxes, np.float64).reshape(-1, 4)
+                if np.any(iou_one_to_many(box, placed) > self.max_iou):
                     continue
                 covered = owner[y0:y1, x0:x1][mask]
                 lost = np.bincount(covered[covered >= 0], minlength=len(boxes))
@@ -229,7 +218,7 @@ class ShapesDataset:
                 for j in range(len(boxes)):
                     visible[j] -= int(lost[j])
                 # A colour unlike those of the shapes it touches, so touching shapes never merge.
-                near = _box_iou(box + np.array([-2, -2, 2, 2]), boxes) > 0
+                near = iou_one_to_many(box + np.array([-2, -2, 2, 2]), placed) > 0
                 allowed = np.setdiff1d(np.arange(len(PALETTE)), np.asarray(colors)[near] if near.any() else [])
                 color_index = int(allowed[rng.integers(len(allowed))])
                 color = PALETTE[color_index] + rng.uniform(-20, 20, size=3)
@@ -266,4 +255,4 @@ class ShapesDataset:
                     "is_crowd": ex["is_crowd"],
                 }
 
-        return coco_gt_from_targets(entries(), self.class_names, self.label_to_category_id)
+        return coco_gt_from_targets(entries(), self.category_names, self.label_to_category_id)

@@ -139,8 +139,8 @@ class TfdsSource:
                 f"tfds dataset {full_name}: expected {len(official)} labels, the dataset has {len(label_names)}"
             )
         # Builders that did not record names store "0", "1", ...: use the official names then.
-        self.class_names = official if all(n.isdigit() for n in label_names) else label_names
-        self.num_object_classes = len(self.class_names)
+        self.category_names = official if all(n.isdigit() for n in label_names) else label_names
+        self.num_object_classes = len(self.category_names)
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -212,4 +212,4 @@ class TfdsSource:
                     "area": area,
                 }
 
-        return coco_gt_from_targets(entries(), self.class_names, self.label_to_category_id)
+        return coco_gt_from_targets(entries(), self.category_names, self.label_to_category_id)

@@ -125,6 +125,10 @@ def resize_image(image, min_size: int, max_size: int):
 def resize_boxes(boxes, orig_hw: tuple[int, int], new_hw: tuple[int, int]):
     """Scales boxes from an image of size orig_hw to new_hw, torchvision `resize_boxes`.
 
+    The project's one box rescaler: the pipeline resizes targets with it, and the detector
+    and the evaluation map detections from the resized image back to the original pixels
+    (`resize_boxes(boxes, image_size, orig_size)`).
+
     Args:
       boxes: [N, 4] (x1, y1, x2, y2).
       orig_hw, new_hw: (h, w) sizes.

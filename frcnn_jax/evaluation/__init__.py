@@ -18,8 +18,8 @@ from frcnn_jax.evaluation.coco import (
 )
 from frcnn_jax.evaluation.plots import mean_precision_curves, plot_precision_recall
 from frcnn_jax.evaluation.report import (
+    COCO_METRICS_FILE,
     DETECTIONS_FILE,
-    METRICS_FILE,
     PR_PLOT_FILE,
     format_per_class_table,
     write_coco_report,
@@ -44,7 +44,7 @@ __all__ = [
     "mean_precision_curves",
     "plot_precision_recall",
     "DETECTIONS_FILE",
-    "METRICS_FILE",
+    "COCO_METRICS_FILE",
     "PR_PLOT_FILE",
     "format_per_class_table",
     "write_coco_report",

@@ -22,11 +22,12 @@ import dataclasses
 import io
 import json
 import math
-import numbers
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from frcnn_jax.coco_format import coco_gt_problem, is_box, is_int, is_real, json_kind
 
 # pycocotools' `COCOeval.stats` order (its summarize() lines, top to bottom).
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -156,77 +157,20 @@ def load_json(path, what: str) -> Any:
         raise EvaluationInputError(f"{what} '{path}' cannot be read: {e.strerror or e}") from None
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_box(v) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_real(x) for x in v)
-
-
-def _kind(v) -> str:
-    return {dict: "an object", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
-
-
 def check_coco_gt(dataset, source: str = "ground truth") -> None:
     """Checks that `dataset` is a COCO ground-truth dict that COCOeval("bbox") can use.
 
     Requires "images" (objects with a unique integer "id"), "categories" (unique
     integer "id", optional "name") and "annotations" (unique integer "id", "image_id"
     and "category_id" present in images / categories, "bbox" of 4 finite numbers,
-    numeric "area", "iscrowd" 0 or 1), as COCOeval needs.
+    numeric "area", "iscrowd" 0 or 1), as COCOeval needs (`coco_format.coco_gt_problem`).
 
     Raises:
       EvaluationInputError: "<source> is not a COCO ground-truth file: <problem>".
     """
-    prefix = f"{source} is not a COCO ground-truth file"
-    if not isinstance(dataset, dict):
-        hint = " (a COCO results file?)" if isinstance(dataset, list) else ""
-        raise EvaluationInputError(
-            f"{prefix}: top level is {_kind(dataset)}{hint}, expected an object with images, annotations, categories"
-        )
-    for key in ("images", "annotations", "categories"):
-        if key not in dataset:
-            raise EvaluationInputError(f"{prefix}: missing key '{key}'")
-        if not isinstance(dataset[key], list):
-            raise EvaluationInputError(f"{prefix}: '{key}' is {_kind(dataset[key])}, expected a list")
-    ids = {}
-    for key in ("images", "categories", "annotations"):
-        seen = set()
-        for n, item in enumerate(dataset[key]):
-            if not isinstance(item, dict) or not _is_int(item.get("id")):
-                raise EvaluationInputError(f"{prefix}: {key}[{n}] has no integer 'id'")
-            if item["id"] in seen:
-                raise EvaluationInputError(f"{prefix}: {key}[{n}] repeats id {item['id']}")
-            seen.add(item["id"])
-        ids[key] = seen
-    for n, cat in enumerate(dataset["categories"]):
-        if "name" in cat and not isinstance(cat["name"], str):
-            raise EvaluationInputError(f"{prefix}: categories[{n}] 'name' is not a string")
-    for n, ann in enumerate(dataset["annotations"]):
-        where = f"annotations[{n}] (id {ann['id']})"
-        if not _is_int(ann.get("image_id")) or ann["image_id"] not in ids["images"]:
-            raise EvaluationInputError(
-                f"{prefix}: {where} has image_id {ann.get('image_id')!r}, not an id in 'images'"
-            )
-        if not _is_int(ann.get("category_id")) or ann["category_id"] not in ids["categories"]:
-            raise EvaluationInputError(
-                f"{prefix}: {where} has category_id {ann.get('category_id')!r}, not an id in 'categories'"
-            )
-        if not _is_box(ann.get("bbox")):
-            raise EvaluationInputError(
-                f"{prefix}: {where} 'bbox' must be 4 finite numbers [x, y, width, height], got {ann.get('bbox')!r}"
-            )
-        if not _is_real(ann.get("area")):
-            raise EvaluationInputError(
-                f"{prefix}: {where} has no numeric 'area' (COCOeval needs it for the small/medium/large ranges)"
-            )
-        if ann.get("iscrowd") not in (0, 1):
-            raise EvaluationInputError(f"{prefix}: {where} 'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
+    problem = coco_gt_problem(dataset)
+    if problem:
+        raise EvaluationInputError(f"{source} is not a COCO ground-truth file: {problem}")
 
 
 def check_coco_results(
@@ -249,17 +193,17 @@ def check_coco_results(
     if not isinstance(results, list):
         hint = " (a COCO ground-truth file?)" if isinstance(results, dict) and "annotations" in results else ""
         raise EvaluationInputError(
-            f"{prefix}: top level is {_kind(results)}{hint}, expected a list of {{image_id, category_id, bbox, score}}"
+            f"{prefix}: top level is {json_kind(results)}{hint}, expected a list of {{image_id, category_id, bbox, score}}"
         )
     image_ids, category_ids = set(image_ids), set(category_ids)
     bad_images, bad_categories = [], []
     for n, r in enumerate(results):
         if not isinstance(r, dict):
-            raise EvaluationInputError(f"{prefix}: item {n} is {_kind(r)}, expected an object")
+            raise EvaluationInputError(f"{prefix}: item {n} is {json_kind(r)}, expected an object")
         for key in ("image_id", "category_id"):
-            if not _is_int(r.get(key)):
+            if not is_int(r.get(key)):
                 raise EvaluationInputError(f"{prefix}: item {n} has no integer '{key}' (got {r.get(key)!r})")
-        if not _is_box(r.get("bbox")):
+        if not is_box(r.get("bbox")):
             raise EvaluationInputError(
                 f"{prefix}: item {n} 'bbox' must be 4 finite numbers [x, y, width, height], got {r.get('bbox')!r}"
             )
@@ -268,7 +212,7 @@ def check_coco_results(
                 f"{prefix}: item {n} 'bbox' {r['bbox']!r} has a negative width or height "
                 "(expected [x, y, width, height])"
             )
-        if not _is_real(r.get("score")):
+        if not is_real(r.get("score")):
             raise EvaluationInputError(f"{prefix}: item {n} has no finite numeric 'score' (got {r.get('score')!r})")
         if r["image_id"] not in image_ids:
             bad_images.append(r["image_id"])

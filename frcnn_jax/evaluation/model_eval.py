@@ -16,16 +16,14 @@ canvas (multi-process training requires one).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from frcnn_jax.data import builder as data_lib
+from frcnn_jax.data.transforms import resize_boxes
 from frcnn_jax.evaluation.coco import evaluate_coco, to_coco_results
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN
-from frcnn_jax.modeling.postprocess import rescale_boxes
 
 
 def _variables(state_or_variables):
@@ -34,23 +32,28 @@ def _variables(state_or_variables):
     return {"params": state_or_variables.params, "frozen": state_or_variables.frozen}
 
 
-@functools.lru_cache(maxsize=8)
-def _forward(model: FasterRCNN):
+def make_forward(model: FasterRCNN):
+    """The jitted inference of `model`: (variables, images float32 [B, H, W, 3], sizes int32 [B, 2]) -> detections.
+
+    Build it once per model and pass it to `predict_dataset` / `evaluate_model` as
+    `forward=` to reuse its compiled programs across evaluations (one per canvas).
+    """
     return jax.jit(lambda v, images, sizes: model.apply(v, images, sizes))
 
 
 def predict_dataset(
     model: FasterRCNN, variables, source, data_cfg, *, max_images: int = 0, progress: bool = True,
-    shard_index: int = 0, shard_count: int = 1,
+    shard_index: int = 0, shard_count: int = 1, forward=None,
 ):  # fmt: skip
     """Detections for every image of `source` (or the first `max_images`; shard_index::shard_count of them).
 
     Yields (batch, detections) per batch, detections in ORIGINAL image pixels:
     boxes [B, D, 4], scores [B, D], labels [B, D], valid [B, D] (numpy; padding
-    examples of the last batch have valid all False).
+    examples of the last batch have valid all False). forward: `make_forward(model)`
+    (default: a new one, compiled on first use).
     """
     variables = _variables(variables)
-    forward = _forward(model)
+    forward = make_forward(model) if forward is None else forward
     total = len(source) if not max_images else min(max_images, len(source))
     total = len(range(shard_index, total, shard_count))
     bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
@@ -59,7 +62,8 @@ def predict_dataset(
     )
     for batch in batches:
         out = jax.device_get(forward(variables, batch["image"], batch["image_size"]))
-        boxes = np.stack([np.asarray(rescale_boxes(out["boxes"][i], batch["image_size"][i], batch["orig_size"][i])) for i in range(len(out["boxes"]))])
+        sizes = zip(out["boxes"], batch["image_size"], batch["orig_size"])
+        boxes = np.stack([resize_boxes(b, size, orig) for b, size, orig in sizes])  # back to original pixels
         valid = out["valid"] & batch["valid"][:, None]
         bar.update(int(batch["valid"].sum()))
         yield batch, {"boxes": boxes, "scores": out["scores"], "labels": out["labels"], "valid": valid}
@@ -68,13 +72,14 @@ def predict_dataset(
 
 def evaluate_model(
     model: FasterRCNN, variables, source, config, *, label_to_category_id=None, max_images=None, progress: bool = True,
-    voc: bool = False,
+    voc: bool = False, forward=None,
 ):
     """COCO box AP of the model on `source` -> `CocoEvalResult` (and VOC AP when voc=True).
 
     label_to_category_id: how model labels map to the source's category ids (default:
     the source's own map; torchvision's 91-class COCO models predict COCO ids directly).
     max_images: evaluate the first N images only (default config.train.eval_max_images).
+    forward: `make_forward(model)`, to reuse compiled programs across calls (default: a new one).
     Returns the COCO result, or (COCO result, VOC metrics dict) with voc=True.
     """
     mapping = source.label_to_category_id if label_to_category_id is None else label_to_category_id
@@ -86,7 +91,7 @@ def evaluate_model(
     rows = []
     predictions = predict_dataset(
         model, variables, source, config.data, max_images=max_images, progress=progress and process == 0,
-        shard_index=process, shard_count=processes,
+        shard_index=process, shard_count=processes, forward=forward,
     )  # fmt: skip
     for batch, det in predictions:
         det["valid"] &= np.isin(det["labels"], labels_known)  # classes this dataset does not have
@@ -125,7 +130,7 @@ def evaluate_model(
         e = by_id[image_id]
         voc_gt.append({"boxes": np.asarray(e["boxes"], np.float32).reshape(-1, 4), "labels": np.asarray(e["labels"], np.int64),
                        "difficult": np.asarray(e["difficult"], bool)})  # fmt: skip
-    names = list(source.class_names)
+    names = list(source.category_names)
     return coco, evaluate_voc(voc_gt, voc_dt, len(names), names)
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 from typing import Mapping
 
 import numpy as np
 
 from frcnn_jax.evaluation.plots import plot_precision_recall
+from frcnn_jax.io_utils import write_atomic
 
-METRICS_FILE = "metrics.json"
+COCO_METRICS_FILE = "metrics.json"  # eval.py: COCO metrics (the training log is training.metrics.TRAIN_METRICS_FILE)
 DETECTIONS_FILE = "detections.json"
 PR_PLOT_FILE = "precision_recall.png"
 
@@ -40,16 +40,7 @@ def write_json(path, obj, indent: int | None = 1) -> pathlib.Path:
     The file is written next to `path` and renamed over it, so a reader never sees a
     partial file and `path` may be the file `obj` was read from.
     """
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(obj), f, indent=indent, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, json.dumps(_json_safe(obj), indent=indent, allow_nan=False) + "\n")
 
 
 def write_metrics_json(path, result) -> pathlib.Path:
@@ -79,7 +70,7 @@ def write_coco_report(out_dir, result) -> dict[str, pathlib.Path]:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "metrics": write_metrics_json(out / METRICS_FILE, result),
+        "metrics": write_metrics_json(out / COCO_METRICS_FILE, result),
         "detections": write_detections_json(out / DETECTIONS_FILE, result.detections),
         "plot": out / PR_PLOT_FILE,
     }

@@ -31,6 +31,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from frcnn_jax.host_boxes import iou_one_to_many
+
 IOU_THRESHOLD = 0.5
 
 
@@ -60,15 +62,6 @@ def voc_ap(recall, precision, use_07_metric: bool) -> float:
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
     i = np.flatnonzero(mrec[1:] != mrec[:-1])
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
-
-
-def _iou(box, boxes):
-    """IoU of one box [4] with boxes [G, 4] -> [G] (no +1; 0 where the union is 0)."""
-    iw = np.maximum(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0.0)
-    ih = np.maximum(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0.0)
-    inter = iw * ih
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def match_detections(gt_boxes, gt_difficult, det_boxes, det_scores, iou_threshold: float = IOU_THRESHOLD):
@@ -101,7 +94,7 @@ def match_detections(gt_boxes, gt_difficult, det_boxes, det_scores, iou_threshol
         if len(gts) == 0:
             fp[rank] = 1
             continue
-        ious = _iou(box, gts)
+        ious = iou_one_to_many(box, gts)
         j = int(np.argmax(ious))
         if ious[j] >= iou_threshold:
             if gt_difficult[i][j]:
@@ -125,7 +118,7 @@ def evaluate_voc(
     gt_per_image: Sequence[Mapping],
     detections_per_image: Sequence[Mapping],
     num_object_classes: int,
-    class_names: Sequence[str] | None = None,
+    category_names: Sequence[str] | None = None,
     iou_threshold: float = IOU_THRESHOLD,
 ) -> dict:
     """Pascal VOC per-class AP and mAP, with both AP definitions (see module docstring).
@@ -138,7 +131,7 @@ def evaluate_voc(
         coordinate frame as the GT), "scores" [K] float, "labels" [K] int, optional
         "valid" [K] bool; entries with valid False or label 0 (padding) are dropped.
       num_object_classes: number of foreground classes C (labels 1..C, background excluded).
-      class_names: C names for labels 1..C (default "class_1", ...).
+      category_names: C names for labels 1..C (default "class_1", ...).
       iou_threshold: minimum IoU for a true positive (0.5 for VOC).
     Returns:
       {"AP_07_11point": {name: float | None}, "AP_area": {name: float | None},
@@ -148,15 +141,15 @@ def evaluate_voc(
     Raises:
       ValueError: mismatched lengths or shapes, labels outside 1..C.
     """
-    if class_names is None:
-        class_names = tuple(f"class_{c}" for c in range(1, num_object_classes + 1))
-    if len(class_names) != num_object_classes:
+    if category_names is None:
+        category_names = tuple(f"class_{c}" for c in range(1, num_object_classes + 1))
+    if len(category_names) != num_object_classes:
         raise ValueError(
-            f"evaluate_voc: {len(class_names)} class_names for num_object_classes={num_object_classes}; "
+            f"evaluate_voc: {len(category_names)} category_names for num_object_classes={num_object_classes}; "
             "num_object_classes counts foreground classes only (labels 1..C, no background)"
         )
-    if len(set(class_names)) != len(class_names):
-        raise ValueError("evaluate_voc: class_names must be unique")
+    if len(set(category_names)) != len(category_names):
+        raise ValueError("evaluate_voc: category_names must be unique")
     if len(gt_per_image) != len(detections_per_image):
         raise ValueError(
             f"evaluate_voc: {len(gt_per_image)} GT images but {len(detections_per_image)} detection images"
@@ -189,7 +182,7 @@ def evaluate_voc(
         dets.append((db[keep], ds[keep], dl[keep]))
 
     ap07, ap_area, npos = {}, {}, {}
-    for c, name in enumerate(class_names, start=1):
+    for c, name in enumerate(category_names, start=1):
         tp, fp, num_pos = match_detections(
             [gb[gl == c] for gb, gl, _ in gts],
             [gd[gl == c] for _, gl, gd in gts],

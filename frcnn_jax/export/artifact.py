@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import re
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frcnn_jax.data import transforms
+from frcnn_jax.io_utils import write_atomic
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN
 
@@ -197,15 +197,6 @@ def sidecar_document(
     }
 
 
-def _write_atomic(path: pathlib.Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_artifacts(out, exported: dict[tuple[int, int], jax.export.Exported], document: dict) -> pathlib.Path:
     """Writes each canvas's serialized artifact and then the sidecar `out.json`; returns the sidecar path.
 
@@ -218,7 +209,7 @@ def write_artifacts(out, exported: dict[tuple[int, int], jax.export.Exported], d
     for canvas, path in zip(canvases, paths):
         exp = exported[canvas]
         blob = bytes(exp.serialize())
-        _write_atomic(path, blob)
+        write_atomic(path, blob)
         entries.append(
             {
                 "canvas": list(canvas),
@@ -230,5 +221,5 @@ def write_artifacts(out, exported: dict[tuple[int, int], jax.export.Exported], d
             }
         )
     side = sidecar_path(out)
-    _write_atomic(side, json.dumps({**document, "artifacts": entries}, indent=1).encode())
+    write_atomic(side, json.dumps({**document, "artifacts": entries}, indent=1))
     return side

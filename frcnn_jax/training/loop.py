@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 
 from frcnn_jax import model_checkpoint, run_checkpoint
 from frcnn_jax.data import builder as data_lib
-from frcnn_jax.evaluation.model_eval import evaluate_model, predictions_png
+from frcnn_jax.evaluation.model_eval import evaluate_model, make_forward, predictions_png
 from frcnn_jax.evaluation.report import write_detections_json
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling import config as model_config
@@ -181,7 +181,7 @@ def _barrier(name: str, timeout_s: int = 1800):
 def _run_meta(train_source, config) -> dict:
     """What a checkpoint records beside the weights, for inference from the work directory."""
     return {
-        "class_names": ["__background__"] + list(train_source.class_names),
+        "class_names": ["__background__"] + list(train_source.category_names),
         "label_to_category_id": {str(k): int(v) for k, v in train_source.label_to_category_id.items()},
         "min_size": int(config.data.test_min_size),
         "max_size": int(config.data.max_size),
@@ -230,6 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
         run_checkpoint.write_config(workdir, config.to_dict())
 
     model = FasterRCNN(model_cfg)
+    forward = make_forward(model)  # the evaluations share its compiled programs
     lr_fn = learning_rate_schedule(optim_cfg)
     ckpt = run_checkpoint.RunCheckpointer(
         workdir, max_to_keep=config.train.keep_checkpoints, async_save=bool(config.train.async_checkpoint)
@@ -314,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
                 monitor = reset_window(monitor)
             if eval_now:  # before the save: a kill between the two re-runs this evaluation
                 _barrier(f"evaluation_{done}")
-                result = evaluate_model(model, state, val_source, config, progress=False)
+                result = evaluate_model(model, state, val_source, config, progress=False, forward=forward)
                 writer.write(done, {f"eval/{k}": v for k, v in result.stats.items()})
             if checkpoint_now:
                 ckpt.save(done, state, monitor, train_iter, meta)
@@ -333,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
             return {}
 
         _barrier("final_evaluation")
-        result = evaluate_model(model, state, val_source, config)
+        result = evaluate_model(model, state, val_source, config, forward=forward)
         writer.write(num_steps, {f"eval/{k}": v for k, v in result.stats.items()})
         final = result.metrics()
         if is_writer:

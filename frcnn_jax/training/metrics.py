@@ -12,9 +12,10 @@ import sys
 
 from tqdm import tqdm
 
+from frcnn_jax.io_utils import write_atomic
 from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES
 
-METRICS_FILE = "metrics.jsonl"
+TRAIN_METRICS_FILE = "metrics.jsonl"  # one JSON row per logged step (eval.py's COCO metrics: COCO_METRICS_FILE)
 TB_DIR = "tensorboard"
 
 
@@ -62,7 +63,7 @@ class MetricsWriter:
 
     def __init__(self, workdir, *, enabled: bool = True, resumed_from: int | None = None):
         self.workdir = pathlib.Path(workdir)
-        self.path = self.workdir / METRICS_FILE
+        self.path = self.workdir / TRAIN_METRICS_FILE
         self.enabled = enabled
         self._purge_step = None if resumed_from is None else resumed_from + 1  # TensorBoard drops steps >= this
         self._tb = None
@@ -73,9 +74,7 @@ class MetricsWriter:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if (_row_step(line) or 0) in range(1, step + 1)]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     @property
     def tb(self):

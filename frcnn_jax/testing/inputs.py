@@ -1,4 +1,4 @@
-"""Random inputs shared by the op tests."""
+"""Random inputs shared by the op tests and the op benchmarks (numpy only)."""
 
 from __future__ import annotations
 

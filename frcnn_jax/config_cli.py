@@ -1,0 +1,119 @@
+"""Command-line config overrides: a typo'd `--config.<path>=value` becomes one actionable line.
+
+    config_cli.exit_on_unknown_override(sys.argv, default_config="configs/default.py")
+
+ml_collections' `config_flags` reports an override of a field that does not exist with a
+long traceback. `unknown_override_message` checks every `--config.<dotted.path>=value`
+(or `--config.<path> value`) of argv against the config the command line selects
+(`--config=FILE[:ARG]`, else the default) before the flags are parsed, walking the
+nested ConfigDict generically, and names the nearest existing dotted path (difflib).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+FLAG = "config"
+
+
+def _load_config(spec: str) -> Any:
+    """`get_config()` of the Python config file `spec` ("FILE" or "FILE:ARG", as ml_collections reads it)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_frcnn_cli_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _children(node: Any) -> Mapping[str, Any] | None:
+    """The named fields of a config node (ConfigDict, mapping or dataclass), or None for a leaf."""
+    if isinstance(node, Mapping) or (hasattr(node, "keys") and hasattr(node, "__getitem__")):
+        return {str(k): node[k] for k in node.keys()}
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    return None
+
+
+def config_paths(config: Any, prefix: str = "") -> list[str]:
+    """Every dotted path of `config` (sections and leaves), e.g. ["data", "data.batch_size", ...]."""
+    paths = []
+    for name, child in (_children(config) or {}).items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        if _children(child) is not None:
+            paths.extend(config_paths(child, path + "."))
+    return paths
+
+
+def missing_path(config: Any, path: str) -> bool:
+    """True when the dotted `path` names no field of `config` (indexing such as `a[0]` is not checked)."""
+    node = config
+    for name in path.split("."):
+        if "[" in name:
+            return False
+        fields = _children(node)
+        if fields is None:  # an override below a leaf: ml_collections reports that itself
+            return False
+        if name not in fields:
+            return True
+        node = fields[name]
+    return False
+
+
+def nearest_path(config: Any, path: str) -> str | None:
+    """The existing dotted path of `config` most similar to `path` (difflib), or None."""
+    matches = difflib.get_close_matches(path, config_paths(config), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _overrides(argv: Sequence[str]) -> list[str]:
+    prefix = f"--{FLAG}."
+    return [arg[len(prefix) :].split("=", 1)[0] for arg in argv if arg.startswith(prefix)]
+
+
+def _config_spec(argv: Sequence[str], default: str | None) -> str | None:
+    spec = default
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{FLAG}="):
+            spec = arg.split("=", 1)[1]
+        elif arg == f"--{FLAG}" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec or None
+
+
+def unknown_override_message(argv: Sequence[str], default_config: str | None = None) -> str | None:
+    """The one-line error for the first `--config.<path>` of argv naming no field, or None when all exist.
+
+    The config is `--config=FILE[:ARG]` of argv, else `default_config`; when it cannot be
+    loaded (or there is none) nothing is checked here and ml_collections reports the problem.
+    Example: "--config.model.anchor_size: no such field; did you mean model.anchor_sizes?"
+    """
+    paths = _overrides(argv)
+    spec = _config_spec(argv, default_config)
+    if not paths or spec is None:
+        return None
+    try:
+        config = _load_config(spec)
+    except Exception:  # noqa: BLE001 - a broken config file is reported by ml_collections' own loader
+        return None
+    for path in paths:
+        if missing_path(config, path):
+            near = nearest_path(config, path)
+            hint = f"; did you mean {near}?" if near else f" (see {spec.partition(':')[0]})"
+            return f"--{FLAG}.{path}: no such field{hint}"
+    return None
+
+
+def exit_on_unknown_override(argv: Sequence[str], default_config: str | None = None) -> None:
+    """Prints "error: <unknown_override_message>" to stderr and exits with status 2, if there is one."""
+    message = unknown_override_message(argv, default_config)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
