@@ -93,7 +93,7 @@ def unknown_override_message(argv: Sequence[str], default_config: str | None = N
 
     The config is `--config=FILE[:ARG]` of argv, else `default_config`; when it cannot be
     loaded (or there is none) nothing is checked here and ml_collections reports the problem.
-    Example: "--config.model.anchor_size: no such field; did you mean model.anchor_sizes?"
+    Example: "--config.model.anchor_size: no such field; did you mean model.anchors.sizes?"
     """
     paths = _overrides(argv)
     spec = _config_spec(argv, default_config)

@@ -35,7 +35,7 @@ from frcnn_jax.modeling import config as model_config
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 
-ARCHS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_c4", "resnet50")
+STATE_DICT_ARCHS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_c4", "resnet50")
 # torchvision buffers/keys that carry no model state for inference.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -182,7 +182,7 @@ def convert_variables(
 
 
 def detect_arch(state_dict: dict[str, np.ndarray]) -> str | None:
-    """Which of ARCHS a state dict looks like (by its key families), or None."""
+    """Which of STATE_DICT_ARCHS a state dict looks like (by its key families), or None."""
     keys = list(state_dict)
     if any(k.startswith("backbone.fpn.") for k in keys):
         return "fasterrcnn_resnet50_fpn"
@@ -285,8 +285,8 @@ def class_names_for(num_classes: int, names: str | None) -> list[str]:
 
 def convert(arch: str, checkpoint, out, *, bn_eps: float | None = None, anchor_sizes=None, class_names=None) -> pathlib.Path:
     """Converts `checkpoint` (.pth) for `arch` and writes a model checkpoint to `out`."""
-    if arch not in ARCHS:
-        raise ConversionError(f"unknown --arch {arch!r}; choose one of {ARCHS}")
+    if arch not in STATE_DICT_ARCHS:
+        raise ConversionError(f"unknown --arch {arch!r}; choose one of {STATE_DICT_ARCHS}")
     sd = load_state_dict(checkpoint)
     meta: dict[str, Any] = {"source": f"torchvision {arch} state dict {pathlib.Path(checkpoint).name}", "arch": arch}
     if arch == "resnet50":
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
         prog="python -m frcnn_jax.convert",
         description="Convert a torchvision state dict (.pth) into a frcnn_jax model checkpoint.",
     )
-    parser.add_argument("--arch", required=True, choices=ARCHS, help="architecture of the state dict")
+    parser.add_argument("--arch", required=True, choices=STATE_DICT_ARCHS, help="architecture of the state dict")
     parser.add_argument("--checkpoint", required=True, help="torchvision .pth state dict")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     parser.add_argument(

@@ -9,6 +9,7 @@ The only place where config fields become pipeline arguments.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -73,7 +74,18 @@ def resolve_num_workers(value, *, backend: str, cpu_count: int) -> int:
 def _num_workers(data) -> int:
     import jax  # only here: the rest of the data package does not need JAX
 
-    return resolve_num_workers(data.num_workers, backend=jax.default_backend(), cpu_count=os.cpu_count() or 1)
+    workers = resolve_num_workers(data.num_workers, backend=jax.default_backend(), cpu_count=os.cpu_count() or 1)
+    if workers and str(data.num_workers).strip().lower() == "auto":
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (train.py / eval.py parse them)
+            logging.getLogger(__name__).warning(
+                "data.num_workers=auto: absl flags are not parsed (not under absl.app.run), so grain cannot start "
+                "%d worker processes; preparing images in this process instead (parse the flags to use workers)",
+                workers,
+            )
+            return 0
+    return workers
 
 
 def build_source(data, split: str = "train") -> Any:

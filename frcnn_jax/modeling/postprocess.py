@@ -57,17 +57,3 @@ def postprocess_detections(
         "labels": jnp.where(ok, labels[safe], 0),
         "valid": ok,
     }
-
-
-def rescale_boxes(boxes, image_size, orig_size):
-    """Canvas pixels of the resized image -> original image pixels (per-axis ratios).
-
-    boxes [..., 4]; image_size, orig_size: [2] (h, w). As torchvision's `resize_boxes`:
-    ratio = orig / resized, computed per axis.
-    """
-    image_size = jnp.asarray(image_size, jnp.float32)
-    orig_size = jnp.asarray(orig_size, jnp.float32)
-    rh = orig_size[..., 0] / image_size[..., 0]
-    rw = orig_size[..., 1] / image_size[..., 1]
-    scale = jnp.stack([rw, rh, rw, rh], axis=-1)
-    return boxes * scale[..., None, :] if boxes.ndim > scale.ndim else boxes * scale
