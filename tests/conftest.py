@@ -1,5 +1,8 @@
 """Test setup: CPU JAX with 8 simulated devices, torch/shared-data availability policy.
 
+FRCNN_TEST_X64=1 turns `jax_enable_x64` on before any JAX use (tests/test_ops_x64.py
+runs the op parity tests that way, in a subprocess: the setting is process-wide).
+
 Outside CI a missing optional dependency (torch) or missing ../shared data skips the
 tests that need it, with a message; in CI (CI=true) they fail instead, so a broken CI
 environment can never pass by skipping.
@@ -27,6 +30,9 @@ if not flags.FLAGS.is_parsed():
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+if os.environ.get("FRCNN_TEST_X64", "").lower() not in ("", "0", "false", "no"):
+    jax.config.update("jax_enable_x64", True)
+
 # Many tests compile the same programs (a model per test, train/resume runs of one
 # config): share compiled executables across them through JAX's persistent cache.
 # The command-line tools the tests run as subprocesses (train.py, eval.py, predict) use
@@ -39,6 +45,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def pytest_report_header(config):
+    return f"jax_enable_x64: {jax.config.read('jax_enable_x64')}"
 
 
 def _unavailable(message: str):

@@ -163,3 +163,33 @@ def test_box_ops_compile_once():
 def test_box_ops_reject_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 needs jax_enable_x64 (FRCNN_TEST_X64=1)")
+def test_float64_inputs_match_torchvision(torch, torchvision):
+    """float64 boxes are computed and returned in float64 (torchvision's double results)."""
+    from torchvision.models.detection._utils import BoxCoder
+
+    rng = np.random.default_rng(7)
+    a = _edge_boxes(rng, 200).astype(np.float64) + rng.uniform(0, 1e-3, (200, 4))
+    b = random_boxes(rng, 100, min_size=4).astype(np.float64) + rng.uniform(0, 1e-3, (100, 4))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    iou = jax.jit(ops.box_iou)(a, b)
+    assert iou.dtype == np.float64
+    ref = torchvision.ops.box_iou(ta, tb).numpy()
+    nan = np.isnan(ref)
+    np.testing.assert_allclose(np.asarray(iou)[~nan], ref[~nan], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ops.box_area(a), torchvision.ops.box_area(ta).numpy(), rtol=1e-12)
+    clipped = torchvision.ops.clip_boxes_to_image(ta, (500, 700)).numpy()
+    np.testing.assert_array_equal(ops.clip_boxes(a, 500, 700), clipped)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    enc = jax.jit(lambda x, y: ops.encode_boxes(x, y, (10.0, 10.0, 5.0, 5.0)))(b, b[::-1])
+    assert enc.dtype == np.float64
+    np.testing.assert_allclose(enc, coder.encode_single(tb, tb.flip(0)).numpy(), rtol=1e-12, atol=1e-12)
+    deltas = rng.normal(0, 3, (100, 4)) * np.array([10.0, 10.0, 5.0, 5.0])
+    dec = jax.jit(lambda d, y: ops.decode_boxes(d, y, (10.0, 10.0, 5.0, 5.0)))(deltas, b)
+    assert dec.dtype == np.float64
+    np.testing.assert_allclose(dec, coder.decode_single(torch.from_numpy(deltas), tb).numpy(), rtol=1e-12, atol=1e-9)
+    # float32 inputs stay float32 under x64 (no silent promotion)
+    assert ops.box_iou(a.astype(np.float32), b.astype(np.float32)).dtype == np.float32
+    assert ops.decode_boxes(deltas.astype(np.float32), b.astype(np.float32)).dtype == np.float32

@@ -151,3 +151,20 @@ def test_nms_traced_threshold():
 def test_nms_rejects_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 needs jax_enable_x64 (FRCNN_TEST_X64=1)")
+@pytest.mark.parametrize("n,thr", [(300, 0.5), (2500, 0.7)])
+def test_nms_float64_matches_torchvision(torch, torchvision, n, thr):
+    """float64 boxes keep float64 IoUs, as torchvision's double kernel; indices stay int32."""
+    rng = np.random.default_rng(n)
+    boxes = clustered_boxes(rng, n).astype(np.float64) + rng.uniform(-1e-3, 1e-3, (n, 4))
+    scores = distinct_scores(rng, n).astype(np.float64)
+    got = _kept(jax.jit(lambda b, s: ops.nms(b, s, thr, n))(boxes, scores))
+    np.testing.assert_array_equal(got, _tv_nms(torch, torchvision, boxes, scores, thr))
+    cls = rng.integers(0, 5, n)  # int64 under x64
+    ref = torchvision.ops.batched_nms(
+        torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(cls), thr
+    ).numpy()
+    got = _kept(jax.jit(lambda b, s, c: ops.batched_nms(b, s, c, thr, n))(boxes, scores, cls))
+    np.testing.assert_array_equal(got, ref)

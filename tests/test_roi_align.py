@@ -11,6 +11,10 @@ from frcnn_jax import ops
 from frcnn_jax.ops.roi_align import multilevel_roi_align
 
 RTOL = 1e-5  # relative to the largest output magnitude (float32 accumulation order differs)
+# float64 (only under jax_enable_x64, FRCNN_TEST_X64=1): computed in float64 like torchvision's double kernel.
+X64 = jax.config.read("jax_enable_x64")
+DTYPES = ["float32", "float64"] if X64 else ["float32"]
+RTOL64 = 1e-9
 
 
 def _boxes(rng, n, h, w, scale, kind):
@@ -34,7 +38,7 @@ def _boxes(rng, n, h, w, scale, kind):
 
 def _torch_roi_align(torch, torchvision, feat_hwc, boxes, out, scale, sr, aligned, grad=None):
     f = torch.from_numpy(np.ascontiguousarray(feat_hwc.transpose(2, 0, 1)))[None].requires_grad_(grad is not None)
-    rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(boxes)], 1)
+    rois = torch.cat([torch.zeros(len(boxes), 1, dtype=f.dtype), torch.from_numpy(boxes)], 1)
     y = torchvision.ops.roi_align(f, rois, out, scale, sr, aligned)
     if grad is None:
         return y.permute(0, 2, 3, 1).detach().numpy(), None
@@ -64,12 +68,13 @@ KINDS = ["normal", "outside", "degenerate", "huge"]
 HUGE_RTOL = 3e-4
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("aligned", [False, True])
-def test_roi_align_forward_and_grad_match_torchvision(torch, torchvision, case, aligned):
+def test_roi_align_forward_and_grad_match_torchvision(torch, torchvision, case, aligned, dtype):
     h, w, c, r, out, scale, sr = case
     rng = np.random.default_rng(abs(hash((case, aligned))) % 2**32)
-    feat = rng.standard_normal((h, w, c)).astype(np.float32)
+    feat = rng.standard_normal((h, w, c)).astype(dtype)
     parts = []
     for kind in KINDS:
         b = _boxes(rng, r, h, w, scale, kind)
@@ -79,20 +84,23 @@ def test_roi_align_forward_and_grad_match_torchvision(torch, torchvision, case, 
             b = b[: r // 2]
         parts.append(b)
     kinds = np.concatenate([[k] * len(b) for k, b in zip(KINDS, parts)])
-    boxes = np.concatenate(parts)
+    boxes = np.concatenate(parts).astype(dtype)
     out_hw = (out, out) if isinstance(out, int) else out
-    grad = rng.standard_normal((len(boxes),) + out_hw + (c,)).astype(np.float32)
+    grad = rng.standard_normal((len(boxes),) + out_hw + (c,)).astype(dtype)
     ref, ref_grad = _torch_roi_align(torch, torchvision, feat, boxes, out, scale, sr, aligned, grad)
 
     fn = jax.jit(lambda f, b: ops.roi_align(f, b, out, scale, sr, aligned))
     got, vjp = jax.vjp(lambda f: fn(f, jnp.asarray(boxes)), jnp.asarray(feat))
-    assert got.shape == ref.shape and got.dtype == jnp.float32
+    assert got.shape == ref.shape and got.dtype == dtype
     got = np.asarray(got)
     for kind in KINDS:
         rows = kinds == kind
         err = np.abs(got[rows] - ref[rows]).max() / np.abs(ref).max()
-        assert err <= (HUGE_RTOL if kind == "huge" else RTOL), f"{kind}: relative error {err:.3g}"
-    _assert_close(np.asarray(vjp(jnp.asarray(grad))[0]), ref_grad)
+        tol = RTOL64 if dtype == "float64" else HUGE_RTOL if kind == "huge" else RTOL
+        assert err <= tol, f"{kind}: relative error {err:.3g}"
+    got_grad = vjp(jnp.asarray(grad))[0]
+    assert got_grad.dtype == dtype
+    _assert_close(np.asarray(got_grad), ref_grad, RTOL64 if dtype == "float64" else RTOL)
 
 
 def test_roi_align_box_covering_whole_map_uses_every_sample(torch, torchvision):

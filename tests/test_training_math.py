@@ -195,3 +195,42 @@ def test_losses_have_finite_gradients_on_padding():
     t = {"targets": jnp.full((1, 10, 4), jnp.nan).at[0, 0].set(0.1), "positive": jnp.arange(10)[None] == 0, "negative": jnp.arange(10)[None] == 1}
     g = jax.grad(lambda o, d: sum(rpn_loss(o, d, {**t, "targets": jnp.where(t["positive"][..., None], t["targets"], 0.0)})), argnums=(0, 1))(obj, deltas)
     assert all(np.isfinite(np.asarray(x)).all() for x in g)
+
+
+LOSS_DTYPES = ["float32", "float64"] if jax.config.read("jax_enable_x64") else ["float32"]
+
+
+@pytest.mark.parametrize("dtype", LOSS_DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 1.0 / 9, 1.0])
+def test_elementwise_losses_and_gradients_match_torch(torch, dtype, beta):
+    """ops.losses (optax underneath) against torch's smooth_l1 / BCE-with-logits / cross-entropy, values and grads."""
+    import torch.nn.functional as F
+
+    from frcnn_jax.ops import losses
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 0.5, (64, 4)).astype(dtype)
+    x[0, :2] = [beta, -beta]  # the boundary |x| == beta
+    logits = rng.normal(0, 4, (64, 5)).astype(dtype)
+    y = (rng.random(64) < 0.3).astype(dtype)
+    labels = rng.integers(0, 5, 64).astype(np.int32)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-12, "atol": 1e-14}
+
+    def torch_value_and_grad(fn, *args):
+        t = torch.from_numpy(args[0]).requires_grad_(True)
+        out = fn(t, *args[1:])
+        out.sum().backward()
+        return out.detach().numpy(), t.grad.numpy()
+
+    cases = [
+        (lambda v: losses.smooth_l1(v, beta), lambda t: F.smooth_l1_loss(t, torch.zeros_like(t), reduction="none", beta=beta), x),
+        (lambda v: losses.sigmoid_binary_cross_entropy(v, y), lambda t: F.binary_cross_entropy_with_logits(t, torch.from_numpy(y), reduction="none"), logits[:, 0]),
+        (lambda v: losses.softmax_cross_entropy(v, labels), lambda t: F.cross_entropy(t, torch.from_numpy(labels.astype(np.int64)), reduction="none"), logits),
+    ]  # fmt: skip
+    for ours, ref, arg in cases:
+        grad = jax.jit(jax.grad(lambda v, ours=ours: ours(v).sum()))(arg)
+        out = jax.jit(ours)(arg)
+        ref_out, ref_grad = torch_value_and_grad(ref, arg)
+        assert out.dtype == dtype and grad.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out), ref_out, **tol)
+        np.testing.assert_allclose(np.asarray(grad), ref_grad, **tol)

@@ -28,7 +28,7 @@ def check_rank(name: str, x, rank: int | tuple[int, ...], last_dim: int | None =
 def check_float(name: str, x):
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array (float32 or bfloat16), got {dtype}")
+        raise ValueError(f"{name} must be a floating-point array (float32, bfloat16; float64 under x64), got {dtype}")
 
 
 def check_same_leading(names: tuple[str, str], a, b):
@@ -47,7 +47,7 @@ def check_finite_boxes(name: str, boxes):
     """Raises ValueError for NaN/inf coordinates when `boxes` is concrete (eager call)."""
     if not is_concrete(boxes):
         return
-    arr = np.asarray(boxes, dtype=np.float32)
+    arr = np.asarray(boxes, dtype=np.float64)  # exact for every float input
     if arr.size and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr).all(axis=-1))[0]
         raise ValueError(f"{name} must be finite; row {tuple(int(i) for i in bad)} is {arr[tuple(bad)]}")

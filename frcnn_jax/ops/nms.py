@@ -17,24 +17,23 @@ vectorised over T * T blocks.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from frcnn_jax.ops import _checks
+from frcnn_jax.ops.boxes import compute_dtype
 
 
-
-def _threshold_f32(iou_threshold):
-    """float32 t such that (float32 x > t) == (x > iou_threshold in float64).
+def _threshold(iou_threshold, dtype):
+    """Threshold t in the IoU's dtype such that (x > t) == (x > iou_threshold in float64).
 
     torchvision compares the float32 IoU with a double threshold; rounding the
     threshold down to float32 preserves that comparison for every float32 IoU.
+    float64 IoUs (float64 boxes under `jax_enable_x64`) compare with the double itself.
     """
-    if isinstance(iou_threshold, jax.core.Tracer):
-        return jnp.asarray(iou_threshold, jnp.float32)
+    if isinstance(iou_threshold, jax.core.Tracer) or dtype != jnp.float32:
+        return jnp.asarray(iou_threshold, dtype)
     t = float(iou_threshold)
     t32 = np.float32(t)
     if float(t32) > t:
@@ -54,7 +53,7 @@ def _block_sizes(n: int) -> tuple[int, int]:
 
 
 def _overlaps(kept, kept_area, cand_t, cand_area, thr):
-    """[K, T] bool: IoU(kept_k, cand_t) > thr with torchvision's CPU formula, in float32.
+    """[K, T] bool: IoU(kept_k, cand_t) > thr with torchvision's CPU formula, in the boxes' dtype.
 
     kept: [K, 4] boxes; cand_t: [4, T] boxes, coordinate-major, so the reduction over
     kept boxes runs along the major axis and the candidates vectorise.
@@ -67,7 +66,7 @@ def _overlaps(kept, kept_area, cand_t, cand_area, thr):
 
 
 def _greedy_nms(boxes, scores, classes, valid, thr, max_output: int):
-    """Core loop. boxes [N, 4] f32, scores [N] f32, classes [N] int32 or None, valid [N] bool."""
+    """Core loop. boxes [N, 4] f32 (f64), scores [N] f32 (f64), classes [N] int32 or None, valid [N] bool."""
     n = boxes.shape[0]
     tile, chunk = _block_sizes(n)
     valid = valid & ~jnp.isnan(scores)
@@ -75,7 +74,7 @@ def _greedy_nms(boxes, scores, classes, valid, thr, max_output: int):
     n_valid = jnp.sum(valid, dtype=jnp.int32)
 
     padded = -(-n // tile) * tile
-    sorted_boxes = jnp.zeros((padded, 4), jnp.float32).at[:n].set(boxes[order])
+    sorted_boxes = jnp.zeros((padded, 4), boxes.dtype).at[:n].set(boxes[order])
     sorted_area = (sorted_boxes[:, 2] - sorted_boxes[:, 0]) * (sorted_boxes[:, 3] - sorted_boxes[:, 1])
     sorted_boxes_t = sorted_boxes.T
     use_classes = classes is not None
@@ -152,8 +151,8 @@ def _greedy_nms(boxes, scores, classes, valid, thr, max_output: int):
     state = (
         jnp.int32(0),
         jnp.int32(0),
-        jnp.zeros((capacity, 4), jnp.float32),
-        jnp.zeros((capacity,), jnp.float32),
+        jnp.zeros((capacity, 4), boxes.dtype),
+        jnp.zeros((capacity,), boxes.dtype),
         jnp.zeros((capacity if use_classes else 1,), jnp.int32),
         jnp.full((max_output,), -1, jnp.int32),
     )
@@ -177,14 +176,17 @@ def _prepare(boxes, scores, iou_threshold, max_output, valid):
         _checks.check_rank("valid", valid, 1)
         _checks.check_same_leading(("boxes", "valid"), boxes, valid)
         valid = jnp.asarray(valid).astype(bool)
-    return jnp.asarray(boxes).astype(jnp.float32), jnp.asarray(scores).astype(jnp.float32), valid
+    # float32 (float64 inputs, under jax_enable_x64, keep float64 as in torchvision)
+    boxes = jnp.asarray(boxes).astype(compute_dtype(boxes))
+    return boxes, jnp.asarray(scores).astype(compute_dtype(scores)), valid
 
 
 def nms(boxes, scores, iou_threshold: float, max_output: int, valid=None):
     """Greedy NMS, static shapes: same kept set and order as `torchvision.ops.nms`.
 
     Args:
-      boxes: [N, 4] float32/bfloat16 (x1, y1, x2, y2). N may be 0.
+      boxes: [N, 4] float32/bfloat16 (x1, y1, x2, y2). N may be 0. IoUs are computed in
+        float32, or in float64 for float64 boxes (only under `jax_enable_x64`).
       scores: [N] float; higher is better. Ties are broken by lower index first.
       iou_threshold: a box is suppressed by a kept, higher-scored box when their IoU is
         strictly greater than this (>= 0; may be traced).
@@ -198,7 +200,7 @@ def nms(boxes, scores, iou_threshold: float, max_output: int, valid=None):
     boxes, scores, valid = _prepare(boxes, scores, iou_threshold, max_output, valid)
     if boxes.shape[0] == 0:
         return jnp.full((max_output,), -1, jnp.int32)
-    return _greedy_nms(boxes, scores, None, valid, _threshold_f32(iou_threshold), int(max_output))
+    return _greedy_nms(boxes, scores, None, valid, _threshold(iou_threshold, boxes.dtype), int(max_output))
 
 
 def batched_nms(
@@ -225,4 +227,4 @@ def batched_nms(
     if boxes.shape[0] == 0:
         return jnp.full((max_output,), -1, jnp.int32)
     classes = jnp.asarray(class_ids).astype(jnp.int32)
-    return _greedy_nms(boxes, scores, classes, valid, _threshold_f32(iou_threshold), int(max_output))
+    return _greedy_nms(boxes, scores, classes, valid, _threshold(iou_threshold, boxes.dtype), int(max_output))

@@ -30,6 +30,10 @@ reciprocal, so a position can differ from torchvision's by one ulp.
 
 Gradients with respect to the features are the transposed products, scattered back
 into the windows (`jax.custom_vjp`); boxes get no gradient, as in torchvision.
+
+Geometry and accumulation run in float32 for float32 and bfloat16 features, and in
+float64 for float64 features (only under `jax_enable_x64`), like torchvision's double
+kernel; all indices are int32 whether or not x64 is enabled.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frcnn_jax.ops import _checks
+from frcnn_jax.ops.boxes import compute_dtype
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of window + intermediate + output per chunk: small enough to stay in cache.
@@ -109,13 +114,14 @@ class _Geometry(NamedTuple):
 
 
 def _axis_geometry(c1, c2, scale, out: int, extent: int, sampling_ratio: int, aligned: bool) -> _Geometry:
-    offset = jnp.float32(0.5 if aligned else 0.0)
+    dtype = c1.dtype  # the compute dtype: float32, or float64 for float64 features
+    offset = jnp.asarray(0.5 if aligned else 0.0, dtype)
     start = c1 * scale - offset
     end = c2 * scale - offset
     length = end - start
     if not aligned:
-        length = jnp.maximum(length, jnp.float32(1.0))
-    bin_size = length / jnp.float32(out)
+        length = jnp.maximum(length, jnp.asarray(1.0, dtype))
+    bin_size = length / jnp.asarray(out, dtype)
     if sampling_ratio > 0:
         grid = jnp.full(start.shape, sampling_ratio, jnp.int32)
     else:
@@ -133,12 +139,14 @@ def _axis_weights(g: _Geometry, window_start, out: int, extent: int, window: int
     """[T, out, window] summed bilinear weights of each bin on window rows.
 
     g: geometry of T rois; window_start: [T] int32 first feature row of the window.
+    Weights are in the geometry's dtype (the compute dtype).
     """
+    dtype = g.start.dtype
     start, bin_size, grid = g.start[:, None, None], g.bin[:, None, None], g.grid[:, None, None]
-    p = jnp.arange(out, dtype=jnp.float32)[None, :, None]
+    p = jnp.arange(out, dtype=dtype)[None, :, None]
     bin_start = start + p * bin_size
     s = jnp.arange(samples, dtype=jnp.int32)[None, None, :]
-    gridf = grid.astype(jnp.float32)
+    gridf = grid.astype(dtype)
     if adaptive:
         # First sample index that can reach y >= -1 (one index of slack for rounding).
         step = bin_size / jnp.maximum(gridf, 1.0)
@@ -147,21 +155,21 @@ def _axis_weights(g: _Geometry, window_start, out: int, extent: int, window: int
         idx = first.astype(jnp.int32) + s
     else:
         idx = s
-    # torchvision: y = roi_start + ph * bin + (iy + .5) * bin / grid (same float32 ops).
-    y = bin_start + ((idx.astype(jnp.float32) + 0.5) * bin_size) / gridf
-    valid = (idx < grid) & (y >= -1.0) & (y <= jnp.float32(extent))
+    # torchvision: y = roi_start + ph * bin + (iy + .5) * bin / grid (same ops, same precision).
+    y = bin_start + ((idx.astype(dtype) + 0.5) * bin_size) / gridf
+    valid = (idx < grid) & (y >= -1.0) & (y <= jnp.asarray(extent, dtype))
     y = jnp.maximum(y, 0.0)
     low = jnp.floor(y).astype(jnp.int32)  # y >= 0: floor == (int) truncation
     at_edge = low >= extent - 1
     low = jnp.where(at_edge, extent - 1, low)
     high = jnp.where(at_edge, extent - 1, low + 1)
-    y = jnp.where(at_edge, low.astype(jnp.float32), y)
-    frac = y - low.astype(jnp.float32)
+    y = jnp.where(at_edge, low.astype(dtype), y)
+    frac = y - low.astype(dtype)
     w_low = jnp.where(valid, 1.0 - frac, 0.0)
     w_high = jnp.where(valid, frac, 0.0)
     rows = jnp.arange(window, dtype=jnp.int32)[None, None, None, :] + window_start[:, None, None, None]
-    onehot_low = (low[..., None] == rows).astype(jnp.float32)
-    onehot_high = (high[..., None] == rows).astype(jnp.float32)
+    onehot_low = (low[..., None] == rows).astype(dtype)
+    onehot_high = (high[..., None] == rows).astype(dtype)
     return jnp.einsum("tps,tpsk->tpk", w_low, onehot_low, precision=_HIGHEST) + jnp.einsum(
         "tps,tpsk->tpk", w_high, onehot_high, precision=_HIGHEST
     )
@@ -173,6 +181,7 @@ class _Static(NamedTuple):
     sampling_ratio: int
     aligned: bool
     channels: int
+    dtype: np.dtype  # compute dtype: float32 (float32 / bfloat16 features) or float64
 
 
 def _roi_plan(static: _Static, boxes, levels):
@@ -182,13 +191,13 @@ def _roi_plan(static: _Static, boxes, levels):
     permutation plus group start/end offsets.
     """
     oh, ow = static.output_size
-    boxes = boxes.astype(jnp.float32)
+    boxes = boxes.astype(static.dtype)
     geo = []
     group = jnp.zeros(boxes.shape[0], jnp.int32)
     buckets_per_level = [_buckets(lv, static.channels, static.sampling_ratio, static.output_size) for lv in static.levels]
     offset = 0
     for li, lv in enumerate(static.levels):
-        scale = jnp.float32(lv.scale)
+        scale = jnp.asarray(lv.scale, static.dtype)
         gy = _axis_geometry(boxes[:, 1], boxes[:, 3], scale, oh, lv.height, static.sampling_ratio, static.aligned)
         gx = _axis_geometry(boxes[:, 0], boxes[:, 2], scale, ow, lv.width, static.sampling_ratio, static.aligned)
         geo.append((gy, gx))
@@ -201,7 +210,7 @@ def _roi_plan(static: _Static, boxes, levels):
     num_groups = offset
     order = jnp.argsort(group, stable=True).astype(jnp.int32)
     counts = jnp.bincount(group, length=num_groups).astype(jnp.int32)
-    ends = jnp.cumsum(counts)
+    ends = jnp.cumsum(counts, dtype=jnp.int32)
     starts = ends - counts
     return geo, buckets_per_level, order, starts, ends
 
@@ -242,7 +251,7 @@ def _for_each_chunk(static: _Static, boxes, levels, body, init):
                 x0 = _window_origin(gx, bk.kw, lv.width)
                 ay = _axis_weights(gy, y0, oh, lv.height, bk.kh, bk.gy, adaptive)
                 ax = _axis_weights(gx, x0, ow, lv.width, bk.kw, bk.gx, adaptive)
-                count = jnp.maximum(gy.grid * gx.grid, 1).astype(jnp.float32)
+                count = jnp.maximum(gy.grid * gx.grid, 1).astype(static.dtype)
                 ay = ay / count[:, None, None]
                 carry = body(carry, pos, li, bk, idx, in_group, ay, ax, y0, x0)
                 return pos + bk.chunk, carry
@@ -255,7 +264,8 @@ def _gather_windows(feat, batch_idx, y0, x0, kh: int, kw: int):
     """[T, kh, kw, C] windows of feat [B, H, W, C] at (batch_idx, y0, x0)."""
 
     def one(b, y, x):
-        return jax.lax.dynamic_slice(feat, (b, y, x, 0), (1, kh, kw, feat.shape[-1]))[0]
+        # All start indices int32: a Python 0 would be int64 under jax_enable_x64.
+        return jax.lax.dynamic_slice(feat, (b, y, x, jnp.int32(0)), (1, kh, kw, feat.shape[-1]))[0]
 
     return jax.vmap(one)(batch_idx, y0, x0)
 
@@ -300,7 +310,7 @@ def _forward(static: _Static, feats, boxes, batch_idx, levels):
     out_dtype = feats[0].dtype
 
     def body(out, pos, li, bk, idx, in_group, ay, ax, y0, x0):
-        window = _gather_windows(feats[li], batch_idx[idx], y0, x0, bk.kh, bk.kw).astype(jnp.float32)
+        window = _gather_windows(feats[li], batch_idx[idx], y0, x0, bk.kh, bk.kw).astype(static.dtype)
         pooled = _pool_chunk(window, ay, ax).astype(out_dtype)
 
         # Row-by-row dynamic_update_slice (a contiguous copy each); rows of other groups
@@ -316,7 +326,7 @@ def _forward(static: _Static, feats, boxes, batch_idx, levels):
 
 
 def _backward(static: _Static, feats, boxes, batch_idx, levels, grad_out):
-    grad_out = grad_out.astype(jnp.float32)
+    grad_out = grad_out.astype(static.dtype)
 
     def body(grads, pos, li, bk, idx, in_group, ay, ax, y0, x0):
         g = jnp.where(in_group[:, None, None, None], grad_out[idx], 0.0)
@@ -325,13 +335,14 @@ def _backward(static: _Static, feats, boxes, batch_idx, levels, grad_out):
 
         def add_one(acc, args):
             d, bb, yy, xx = args
-            cur = jax.lax.dynamic_slice(acc, (bb, yy, xx, 0), (1,) + d.shape)
-            return jax.lax.dynamic_update_slice(acc, cur + d[None], (bb, yy, xx, 0)), None
+            at = (bb, yy, xx, jnp.int32(0))
+            cur = jax.lax.dynamic_slice(acc, at, (1,) + d.shape)
+            return jax.lax.dynamic_update_slice(acc, cur + d[None], at), None
 
         level_grad, _ = jax.lax.scan(add_one, grads[li], (dwin, b, y0, x0))
         return grads[:li] + (level_grad,) + grads[li + 1 :]
 
-    init = tuple(jnp.zeros(f.shape, jnp.float32) for f in feats)
+    init = tuple(jnp.zeros(f.shape, static.dtype) for f in feats)
     grads, _ = _for_each_chunk(static, boxes, levels, body, init)
     return tuple(g.astype(f.dtype) for g, f in zip(grads, feats))
 
@@ -386,7 +397,8 @@ def multilevel_roi_align(
       levels: [K] int in [0, L), level of each roi.
       output_size, sampling_ratio, aligned: as in `roi_align`.
     Returns:
-      [K, out_h, out_w, C] in the features' dtype.
+      [K, out_h, out_w, C] in the features' dtype (computed in float32, or float64 when
+      the features are float64).
     """
     features = tuple(jnp.asarray(f) for f in features)
     if not features:
@@ -425,13 +437,14 @@ def multilevel_roi_align(
         sampling_ratio=int(sampling_ratio),
         aligned=bool(aligned),
         channels=int(features[0].shape[-1]),
+        dtype=np.dtype(compute_dtype(*features)),
     )
     num_rois = np.shape(boxes)[0]
     if num_rois == 0:
         return jnp.zeros((0, oh, ow, static.channels), features[0].dtype)
     batch_idx = jnp.clip(jnp.asarray(batch_idx).astype(jnp.int32), 0, features[0].shape[0] - 1)
     levels = jnp.clip(jnp.asarray(levels).astype(jnp.int32), 0, len(features) - 1)
-    boxes = jax.lax.stop_gradient(jnp.asarray(boxes).astype(jnp.float32))
+    boxes = jax.lax.stop_gradient(jnp.asarray(boxes).astype(static.dtype))
     return _roi_align_core(static, features, boxes, batch_idx, levels)
 
 
@@ -446,7 +459,7 @@ def roi_align(
     """Bilinear ROIAlign of one feature map: `torchvision.ops.roi_align` in NHWC.
 
     Args:
-      features: [H, W, C] float32 or bfloat16 feature map (one image).
+      features: [H, W, C] float32 or bfloat16 (or float64) feature map (one image).
       boxes: [R, 4] float (x1, y1, x2, y2) in image pixels.
       output_size: int or (out_h, out_w), static.
       spatial_scale: static float, feature cells per image pixel (e.g. 1/16).
@@ -454,7 +467,8 @@ def roi_align(
         ceil(roi_size / output_size) per ROI, exactly as torchvision.
       aligned: if True, shift box coordinates by -0.5 cell (pixel-centre model).
     Returns:
-      [R, out_h, out_w, C] in the features' dtype (accumulated in float32).
+      [R, out_h, out_w, C] in the features' dtype, accumulated in float32 (float64 for
+      float64 features, which exist only under `jax_enable_x64`).
       Differentiable with respect to `features`; `boxes` receive no gradient.
       Memory is bounded by the output plus one chunk of feature windows.
     """
