@@ -7,7 +7,7 @@ WORKDIR ?= runs/shapes
 # pytest-xdist workers for `make test` (each test file runs whole on one worker).
 TEST_WORKERS ?= 2
 
-.PHONY: install install-dev train test bench clean
+.PHONY: install install-dev train lint test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ install-dev: $(VENV)/.installed-dev
 train: install
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) train.py --workdir $(WORKDIR)
 
-test: install-dev
+# ruff (configured in pyproject.toml: lint rules, line length 120) must be clean.
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: install-dev

@@ -43,7 +43,9 @@ if __name__ == "__main__":  # a typo'd --config.<field> is one line (exit 2), be
     config_cli.exit_on_unknown_override(sys.argv, default_config=None)
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Model mode: config file (configs/*.py) describing the dataset.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Model mode: config file (configs/*.py) describing the dataset.", lock_config=True
+)
 flags.DEFINE_string("checkpoint", None, "Model mode: model checkpoint directory or training work directory.")
 flags.DEFINE_enum("split", "val", ["train", "val"], "Model mode: dataset split to evaluate.")
 flags.DEFINE_integer("max_images", 0, "Model mode: evaluate only the first N images (0: all).")
@@ -133,7 +135,13 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out: str, max_image
     print(f"Evaluating {checkpoint} on {config.data.source} {split} ({len(source)} images"
           f"{f', first {max_images}' if max_images else ''}), {model_cfg.arch} model, {model_cfg.num_classes} classes")  # fmt: skip
     out_eval = evaluate_model(
-        FasterRCNN(model_cfg), variables, source, config, label_to_category_id=mapping, max_images=max_images, voc=is_voc
+        FasterRCNN(model_cfg),
+        variables,
+        source,
+        config,
+        label_to_category_id=mapping,
+        max_images=max_images,
+        voc=is_voc,
     )
     result, voc = out_eval if is_voc else (out_eval, None)
     code = _print_and_write(result, out)

@@ -34,9 +34,14 @@ if __name__ == "__main__":  # a typo'd --config.<field> is one line (exit 2), be
     config_cli.exit_on_unknown_override(sys.argv, default_config=os.path.join(_HERE, "configs", "default.py"))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (created; resumed if it holds a run).")
+flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and outputs (created; resumed if it holds a run)."
+)
 config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"), "Training configuration file (configs/*.py).", lock_config=True
+    "config",
+    os.path.join(_HERE, "configs", "default.py"),
+    "Training configuration file (configs/*.py).",
+    lock_config=True,
 )
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port) for jax.distributed.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")

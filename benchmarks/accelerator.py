@@ -91,7 +91,6 @@ if REPO not in sys.path:
     sys.path.insert(1, REPO)  # a plain checkout (frcnn_jax not installed) works too
 
 from _timing import machine_line, median_seconds, print_table  # noqa: E402
-
 from frcnn_jax.modeling.config import ModelConfig, r50_c4, r50_fpn  # noqa: E402
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables  # noqa: E402
 from frcnn_jax.training import sharding  # noqa: E402
@@ -145,8 +144,13 @@ FULL = Profile(
             "R-50-C4",
             r50_c4(num_classes=81).to_dict(),
             OptimConfig(
-                base_lr=0.01, bias_lr_factor=2.0, weight_decay=1e-4, warmup_steps=500, warmup_factor=1.0 / 3,
-                decay_steps=(120_000, 160_000), total_steps=180_000,
+                base_lr=0.01,
+                bias_lr_factor=2.0,
+                weight_decay=1e-4,
+                warmup_steps=500,
+                warmup_factor=1.0 / 3,
+                decay_steps=(120_000, 160_000),
+                total_steps=180_000,
             ),  # fmt: skip
         ),
     },
@@ -172,8 +176,14 @@ SMOKE = Profile(
     models={
         "fpn": ModelSpec(
             "R-18-FPN w8",
-            {**_TINY, "arch": "fpn", "backbone.fpn_channels": 16, "roi_heads.representation_size": 32,
-             "roi_heads.pooler.resolution": 7, "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0)},  # fmt: skip
+            {
+                **_TINY,
+                "arch": "fpn",
+                "backbone.fpn_channels": 16,
+                "roi_heads.representation_size": 32,
+                "roi_heads.pooler.resolution": 7,
+                "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0),
+            },  # fmt: skip
             _TINY_OPTIM,
         ),
         "c4": ModelSpec(
@@ -278,7 +288,9 @@ def synthetic_batch(batch: int, canvas, image_hw, max_gt: int, num_classes: int,
 
 def abstract(tree):
     """Shapes and dtypes only (lowering needs no device memory)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype), tree)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype), tree
+    )
 
 
 def parse_value(text: str):
@@ -367,7 +379,9 @@ class Benchmark:
     def host_batch(self, global_batch: int) -> dict:
         if global_batch not in self._batches:
             p = self.profile
-            classes = min(int(self.overrides.get("num_classes", s.model.get("num_classes", 81))) for s in p.models.values())
+            classes = min(
+                int(self.overrides.get("num_classes", s.model.get("num_classes", 81))) for s in p.models.values()
+            )
             self._batches[global_batch] = synthetic_batch(global_batch, p.canvas, p.image, p.max_gt, classes - 1)
         return self._batches[global_batch]
 
@@ -440,7 +454,10 @@ class Benchmark:
             job.compile_s += time.perf_counter() - t0
             job.lowered = None
             plan = f", plan {job.plan / GIB:.2f} GB" if job.plan is not None else ""
-            self.log(f"compiled {self.label(job)} in {job.compile_s:.1f} s{plan}" + (f" ({job.failure[:80]})" if job.failure else ""))
+            self.log(
+                f"compiled {self.label(job)} in {job.compile_s:.1f} s{plan}"
+                + (f" ({job.failure[:80]})" if job.failure else "")
+            )
 
         with concurrent.futures.ThreadPoolExecutor(self.compile_workers) as pool:
             futures = []
@@ -556,7 +573,11 @@ class Benchmark:
                 out.append([r["model"], r["dtype"], r["mode"], r["devices"], "-", r["status"].upper(), "-", "-", "-",
                             "-", "-", "-", why[:120]])  # fmt: skip
                 continue
-            peak = "n/a" if r["peak_gb"] is None else (f"{r['peak_gb']:.2f}" if r["peak_is_exact"] else f"<={r['peak_gb']:.2f}")
+            peak = (
+                "n/a"
+                if r["peak_gb"] is None
+                else (f"{r['peak_gb']:.2f}" if r["peak_is_exact"] else f"<={r['peak_gb']:.2f}")
+            )
             out.append([
                 r["model"], r["dtype"], r["mode"], r["devices"], r["batch_per_device"], _num(r["img_s"]),
                 _num(r["img_s_per_device"]), f"{r['step_s'] * 1000:.1f}", f"{r['compile_s']:.1f}",
@@ -691,7 +712,9 @@ def main(argv=None) -> int:
         if not sep:
             p.error(f"--set expects FIELD=VALUE, got {item!r}")
         overrides[k] = parse_value(v)
-    workers = args.compile_workers or (1 if jax.default_backend() == "cpu" else min(8, max(1, (os.cpu_count() or 2) // 2)))
+    workers = args.compile_workers or (
+        1 if jax.default_backend() == "cpu" else min(8, max(1, (os.cpu_count() or 2) // 2))
+    )
 
     t_start = time.perf_counter()
 

@@ -91,8 +91,8 @@ def child(args) -> dict:
 def prepare(tmp: str, archs, threads: int):
     import torch
 
-    from frcnn_jax.testing import torch_reference as tr
     from frcnn_jax import convert
+    from frcnn_jax.testing import torch_reference as tr
 
     torch.set_num_threads(threads)
     image = bench_image()
@@ -150,7 +150,17 @@ def main(argv=None):
     print_table(
         f"Inference on one 800x1066 image (canvas 800x1088), CPU, {args.threads} threads; torchvision "
         f"{torchvision.__version__} (torch {torch.__version__}); {machine_line()}",
-        ["model", "batch", "torchvision s/img", "JAX s/img", "ratio", "JAX compile s", "torch peak GB", "JAX peak GB", "detections tv/jax"],
+        [
+            "model",
+            "batch",
+            "torchvision s/img",
+            "JAX s/img",
+            "ratio",
+            "JAX compile s",
+            "torch peak GB",
+            "JAX peak GB",
+            "detections tv/jax",
+        ],
         rows,
     )
 

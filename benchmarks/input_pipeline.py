@@ -52,8 +52,7 @@ def main(argv=None):
     import jax
 
     from configs import default as default_config
-    from frcnn_jax.data import CocoJsonSource, ShapesDataset
-    from frcnn_jax.data import builder
+    from frcnn_jax.data import CocoJsonSource, ShapesDataset, builder
     from frcnn_jax.evaluation.model_eval import evaluate_model
     from frcnn_jax.modeling.config import ModelConfig
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
@@ -70,7 +69,14 @@ def main(argv=None):
                 src, args.batches, batch_size=2, canvases=[(800, 1344), (1344, 800)], min_size=800, max_size=1333,
                 max_gt=100, train=True, seed=0, num_workers=workers,
             )  # fmt: skip
-            rows.append([f"train pipeline, coco128 800/1333, batch 2", workers, f"{rate:.1f} img/s", f"{2 / rate * 1e3:.0f} ms/batch"])
+            rows.append(
+                [
+                    "train pipeline, coco128 800/1333, batch 2",
+                    workers,
+                    f"{rate:.1f} img/s",
+                    f"{2 / rate * 1e3:.0f} ms/batch",
+                ]
+            )
     else:
         print(f"(coco128 not found at {coco}; skipping its rows)", file=sys.stderr)
 
@@ -81,7 +87,9 @@ def main(argv=None):
             shapes, args.batches * 4, batch_size=8, canvases=[(128, 128)], min_size=128, max_size=128, max_gt=8,
             train=True, seed=0, num_workers=workers,
         )  # fmt: skip
-        rows.append(["train pipeline, shapes 128x128, batch 8", workers, f"{rate:.0f} img/s", f"{8 / rate * 1e3:.1f} ms/batch"])
+        rows.append(
+            ["train pipeline, shapes 128x128, batch 8", workers, f"{rate:.0f} img/s", f"{8 / rate * 1e3:.1f} ms/batch"]
+        )
 
     # The default config's train step on one batch (compile excluded).
     cfg = ModelConfig.from_dict(config.model.to_dict())
@@ -100,7 +108,9 @@ def main(argv=None):
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / 20
     it.close()
-    rows.append(["default config train step (model only), batch 8", "-", f"{8 / dt:.0f} img/s", f"{dt * 1e3:.0f} ms/step"])
+    rows.append(
+        ["default config train step (model only), batch 8", "-", f"{8 / dt:.0f} img/s", f"{dt * 1e3:.0f} ms/step"]
+    )
 
     # Evaluation per image: pipeline + inference + pycocotools, second pass (compiled).
     config.data.shapes.num_val = args.eval_images
@@ -109,7 +119,14 @@ def main(argv=None):
     t0 = time.perf_counter()
     evaluate_model(model, state, val, config, progress=False)
     per_image = (time.perf_counter() - t0) / len(val)
-    rows.append([f"evaluation (default model, shapes val, {len(val)} images)", 0, f"{1 / per_image:.0f} img/s", f"{per_image * 1e3:.1f} ms/img"])
+    rows.append(
+        [
+            f"evaluation (default model, shapes val, {len(val)} images)",
+            0,
+            f"{1 / per_image:.0f} img/s",
+            f"{per_image * 1e3:.1f} ms/img",
+        ]
+    )
 
     print_table(f"Input pipeline and evaluation; {machine_line()}", ["what", "workers", "throughput", "time"], rows)
 

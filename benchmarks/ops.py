@@ -16,13 +16,11 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(1, os.path.join(os.path.dirname(__file__), ".."))  # the repository: a plain checkout works too
 from _timing import compile_seconds, machine_line, median_seconds, print_table  # noqa: E402
-
 from frcnn_jax import ops  # noqa: E402
 from frcnn_jax.testing.inputs import clustered_boxes  # noqa: E402  (shared with the tests)
 
@@ -44,9 +42,9 @@ def bench_nms(rng, args, torch, tv, rows):
         c = compile_seconds(f, boxes, scores)
         t_jax = median_seconds(f, boxes, scores, repeats=args.repeats)
         tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-        t_tv = median_seconds(lambda: tv.ops.nms(tb, ts, 0.7), repeats=args.repeats)
+        t_tv = median_seconds(lambda tb=tb, ts=ts: tv.ops.nms(tb, ts, 0.7), repeats=args.repeats)
         kept = int((np.asarray(f(boxes, scores)) >= 0).sum())
-        rows.append([f"nms iou 0.7", f"{n} boxes ({kept} kept)", t_jax, t_tv, c])
+        rows.append(["nms iou 0.7", f"{n} boxes ({kept} kept)", t_jax, t_tv, c])
 
 
 def bench_roi_align(rng, args, torch, tv, rows):
@@ -67,14 +65,17 @@ def bench_roi_align(rng, args, torch, tv, rows):
             fb = jax.jit(fwd_bwd)
             c = compile_seconds(fwd, feat, boxes)
             t_jax = median_seconds(fwd, feat, boxes, repeats=args.repeats)
-            t_tv = median_seconds(lambda: tv.ops.roi_align(feat_t, rois_t, 14, 1 / 16, sr, False), repeats=args.torch_repeats)
+            t_tv = median_seconds(
+                lambda rois_t=rois_t, sr=sr: tv.ops.roi_align(feat_t, rois_t, 14, 1 / 16, sr, False),
+                repeats=args.torch_repeats,
+            )
             rows.append([f"roi_align fwd sr={sr}", f"{r} rois 14x14, [50,67,1024]", t_jax, t_tv, c])
 
             c = compile_seconds(fb, feat, boxes, cot)
             t_jax = median_seconds(fb, feat, boxes, cot, repeats=args.repeats)
             ft = feat_t.clone().requires_grad_(True)
 
-            def tv_fb():
+            def tv_fb(ft=ft, rois_t=rois_t, sr=sr, cot_t=cot_t):
                 ft.grad = None
                 out = tv.ops.roi_align(ft, rois_t, 14, 1 / 16, sr, False)
                 out.backward(cot_t)
@@ -139,8 +140,7 @@ def main(argv=None):
     if "coder" in only:
         bench_coder(rng, args, torch, tv, rows)
     table = [
-        [op, size, f"{tj * 1e3:.2f}", f"{tt * 1e3:.2f}", f"{tj / tt:.2f}x", f"{c:.1f}"]
-        for op, size, tj, tt, c in rows
+        [op, size, f"{tj * 1e3:.2f}", f"{tt * 1e3:.2f}", f"{tj / tt:.2f}x", f"{c:.1f}"] for op, size, tj, tt, c in rows
     ]
     print_table(
         f"frcnn_jax ops vs torchvision {tv.__version__} (torch {torch.__version__}, {args.threads} threads); "

@@ -44,7 +44,9 @@ def loop_images_per_sec(config, steps: int, log_every: int, skip_windows: int) -
 
     from frcnn_jax.training.loop import train_and_evaluate
 
-    config.train.update(num_steps=10 * steps, log_every=log_every, checkpoint_every=10 * steps, eval_every=0, visualize=0)
+    config.train.update(
+        num_steps=10 * steps, log_every=log_every, checkpoint_every=10 * steps, eval_every=0, visualize=0
+    )
     with tempfile.TemporaryDirectory() as workdir:
         train_and_evaluate(config, workdir, stop_after_steps=steps)
         rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
@@ -104,12 +106,27 @@ def main():
         loop, timed = loop_images_per_sec(_config(name), steps, log_every, skip)
         bare = bare_images_per_sec(_config(name), max(timed // 2, 3))
         config = _config(name)
-        rows.append([name, config.model.arch, config.model.backbone.depth, config.data.batch_size, timed, f"{loop:.2f}", f"{bare:.2f}", f"{loop / bare:.3f}"])
+        rows.append(
+            [
+                name,
+                config.model.arch,
+                config.model.backbone.depth,
+                config.data.batch_size,
+                timed,
+                f"{loop:.2f}",
+                f"{bare:.2f}",
+                f"{loop / bare:.3f}",
+            ]
+        )
         print(f"{name}: loop {loop:.2f} img/s, bare step {bare:.2f} img/s", flush=True)
     import datetime
 
     print(f"\n{machine_line()}, {datetime.date.today().isoformat()}")
-    print_table("training loop vs bare step (images/s, compile excluded)", ["config", "arch", "depth", "batch", "loop steps timed", "loop img/s", "bare step img/s", "loop / bare"], rows)
+    print_table(
+        "training loop vs bare step (images/s, compile excluded)",
+        ["config", "arch", "depth", "batch", "loop steps timed", "loop img/s", "bare step img/s", "loop / bare"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

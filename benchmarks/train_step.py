@@ -46,7 +46,6 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # the repository: a plain checkout works too
 
 from _timing import machine_line, print_table  # noqa: E402
-
 from frcnn_jax.training.host_memory import CPU_SCHEDULERS, release_freed_heap  # noqa: E402
 
 SPECS = {
@@ -92,7 +91,11 @@ def load_batch(path):
     """(images, boxes, labels) lists as `make_batch` returns them, from `save_batch`'s file."""
     f = np.load(path)
     counts = f["counts"]
-    return list(f["images"]), [b[:n] for b, n in zip(f["boxes"], counts)], [lb[:n] for lb, n in zip(f["labels"], counts)]
+    return (
+        list(f["images"]),
+        [b[:n] for b, n in zip(f["boxes"], counts)],
+        [lb[:n] for lb, n in zip(f["labels"], counts)],
+    )
 
 
 # `--cpu-scheduler` name -> XLA compile options of the JAX step (the loop's `train.xla_cpu_scheduler`).
@@ -118,7 +121,11 @@ def child_torch(name, spec, repeats, threads, batch_file):
     else:
         resnet = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
         model = FasterRCNN(
-            _resnet_fpn_extractor(resnet, 5), num_classes=81, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=128, **kw
+            _resnet_fpn_extractor(resnet, 5),
+            num_classes=81,
+            rpn_pre_nms_top_n_train=600,
+            rpn_post_nms_top_n_train=128,
+            **kw,
         )
     model.train()
     images, boxes, labels = load_batch(batch_file)
@@ -171,7 +178,9 @@ def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", sc
     images, boxes, labels = load_batch(batch_file)
     g = 16
     batch = {
-        "image": np.stack([transforms.pad_to_canvas(transforms.normalize(im.astype(np.float32)), canvas) for im in images]),
+        "image": np.stack(
+            [transforms.pad_to_canvas(transforms.normalize(im.astype(np.float32)), canvas) for im in images]
+        ),
         "image_size": np.tile(np.array([h, w], np.int32), (b, 1)),
         "boxes": np.stack([np.pad(bx, ((0, g - len(bx)), (0, 0))) for bx in boxes]).astype(np.float32),
         "labels": np.stack([np.pad(lb, (0, g - len(lb))) for lb in labels]).astype(np.int32),
@@ -246,7 +255,9 @@ DEFAULT_MODELS = "c4,fpn,small"
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", help=f"comma-separated, of {list(SPECS)} (default {DEFAULT_MODELS}; with --remat fpn1344)")
+    p.add_argument(
+        "--models", help=f"comma-separated, of {list(SPECS)} (default {DEFAULT_MODELS}; with --remat fpn1344)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: JAX only, on the default backend")
@@ -296,8 +307,20 @@ def remat_main(args, tmp):
         f"Training step (forward, 4 losses, backward, SGD) by ModelConfig.remat, CPU, {args.threads} threads"
         f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}; "
         f"torchvision {torchvision.__version__} (torch {torch.__version__}); {machine_line()}; {time.strftime('%Y-%m-%d')}",
-        ["model", "batch", "framework", "XLA CPU scheduler", "s/step", "vs JAX none", "vs torch", "peak GB",
-         "vs JAX none", "vs torch", "XLA temp GB", "JAX compile s"],  # fmt: skip
+        [
+            "model",
+            "batch",
+            "framework",
+            "XLA CPU scheduler",
+            "s/step",
+            "vs JAX none",
+            "vs torch",
+            "peak GB",
+            "vs JAX none",
+            "vs torch",
+            "XLA temp GB",
+            "JAX compile s",
+        ],  # fmt: skip
         rows,
     )
 
@@ -325,7 +348,17 @@ def default_main(args, tmp):
                              f"{b / t['step_s']:.2f}", f"{b / j['step_s']:.2f}", f"{j['compile_s']:.0f}",
                              f"{t['peak_mb'] / 1024:.1f}", f"{j['peak_mb'] / 1024:.1f}"])  # fmt: skip
             else:
-                rows.append([label, b, dtype, f"{j['step_s']:.3f}", f"{b / j['step_s']:.1f}", f"{j['compile_s']:.0f}", j.get("device", "")])
+                rows.append(
+                    [
+                        label,
+                        b,
+                        dtype,
+                        f"{j['step_s']:.3f}",
+                        f"{b / j['step_s']:.1f}",
+                        f"{j['compile_s']:.0f}",
+                        j.get("device", ""),
+                    ]
+                )
             print(f"done {name} {dtype}", file=sys.stderr)
     if args.device == "cpu":
         import torch
@@ -335,12 +368,26 @@ def default_main(args, tmp):
             f"Training step (forward, 4 losses, backward, SGD), CPU, {args.threads} threads"
             f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}; torchvision "
             f"{torchvision.__version__} (torch {torch.__version__}); {machine_line()}",
-            ["model", "batch", "torchvision s/step", "JAX s/step", "ratio", "torchvision img/s", "JAX img/s",
-             "JAX compile s", "torch peak GB", "JAX peak GB"],  # fmt: skip
+            [
+                "model",
+                "batch",
+                "torchvision s/step",
+                "JAX s/step",
+                "ratio",
+                "torchvision img/s",
+                "JAX img/s",
+                "JAX compile s",
+                "torch peak GB",
+                "JAX peak GB",
+            ],  # fmt: skip
             rows,
         )
     else:
-        print_table(f"Training step on {machine_line()}", ["model", "batch", "dtype", "s/step", "img/s", "compile s", "device"], rows)
+        print_table(
+            f"Training step on {machine_line()}",
+            ["model", "batch", "dtype", "s/step", "img/s", "compile s", "device"],
+            rows,
+        )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.num_workers = "auto"
     config.data.hflip = True
     config.data.shapes = ml_collections.ConfigDict(dict(image_size=128, num_train=1_000_000, num_val=500, seed=0))
-    config.data.tfds = ml_collections.ConfigDict(dict(name="coco/2017", train_split="train", val_split="validation", data_dir=""))
+    config.data.tfds = ml_collections.ConfigDict(
+        dict(name="coco/2017", train_split="train", val_split="validation", data_dir="")
+    )
     config.data.coco_json = ml_collections.ConfigDict(
         dict(train_annotations="", train_images="", val_annotations="", val_images="")
     )

@@ -18,7 +18,9 @@ def enable() -> str | None:
     """Turns the cache on (unless disabled or already configured); returns its directory."""
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
-    directory = os.environ.get("FRCNN_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "frcnn_jax", "xla"))
+    directory = os.environ.get(
+        "FRCNN_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "frcnn_jax", "xla")
+    )
     if not directory:
         return None
     jax.config.update("jax_compilation_cache_dir", directory)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -91,7 +92,7 @@ def _torch_module_path(path: tuple[str, ...]) -> list[str]:
     for name in path:
         for prefix in ("downsample_", "inner_blocks_", "layer_blocks_"):
             if name.startswith(prefix) and name[len(prefix) :].isdigit():
-                name = f"{prefix[:-1]}.{name[len(prefix):]}"
+                name = f"{prefix[:-1]}.{name[len(prefix) :]}"
                 break
         out.append(name)
     return out
@@ -154,22 +155,26 @@ def convert_variables(
             used.add(key)
             value = _transform(path, state_dict[key], fc6_side)
             if tuple(value.shape) != tuple(leaf.shape):
-                mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model expects {tuple(leaf.shape)} ({'/'.join(path)})")
+                mismatched.append(
+                    f"{key}: checkpoint {tuple(state_dict[key].shape)}, model expects {tuple(leaf.shape)} ({'/'.join(path)})"
+                )
                 return np.zeros(leaf.shape, np.float32)
             return value.astype(np.float32)
 
         return jax.tree_util.tree_map_with_path(one, template[collection])
 
     out = {c: fill(c) for c in template}
-    unexpected = sorted(
-        k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES) and not ignore(k)
-    )
+    unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES) and not ignore(k))
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else ""))
+        problems.append(
+            f"missing keys ({len(missing)}): " + ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else "")
+        )
     if unexpected:
         problems.append(
-            f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:40]) + (" ..." if len(unexpected) > 40 else "")
+            f"unexpected keys ({len(unexpected)}): "
+            + ", ".join(unexpected[:40])
+            + (" ..." if len(unexpected) > 40 else "")
         )
     if mismatched:
         problems.append("shape mismatches: " + "; ".join(mismatched[:20]))
@@ -209,6 +214,7 @@ def infer_model_config(arch: str, state_dict: dict[str, np.ndarray], **overrides
     overrides: dotted ModelConfig fields ("backbone.bn_eps", "anchors.sizes"); None values are ignored.
     """
     check_arch(arch, state_dict)
+
     def shape(key):
         if key not in state_dict:
             raise ConversionError(
@@ -223,7 +229,9 @@ def infer_model_config(arch: str, state_dict: dict[str, np.ndarray], **overrides
         recipe = model_config.r50_fpn
         cfg = {"backbone.bn_eps": 0.0, "roi_heads.representation_size": shape("roi_heads.box_head.fc6.weight")[0]}
         if num_anchors != 3:
-            raise ConversionError(f"rpn.head.cls_logits has {num_anchors} anchors per location; torchvision's FPN uses 3")
+            raise ConversionError(
+                f"rpn.head.cls_logits has {num_anchors} anchors per location; torchvision's FPN uses 3"
+            )
     else:
         sizes = {15: (32.0, 64.0, 128.0, 256.0, 512.0), 9: (128.0, 256.0, 512.0)}
         if overrides.get("anchors.sizes") is None and num_anchors not in sizes:
@@ -260,9 +268,7 @@ def convert_resnet(state_dict, depth: int = 50) -> dict:
     from frcnn_jax.modeling.resnet import ResNet
 
     trunk = ResNet(depth=depth, num_stages=4)
-    template = jax.tree.map(
-        np.asarray, jax.jit(trunk.init)(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
-    )
+    template = jax.tree.map(np.asarray, jax.jit(trunk.init)(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32)))
     return convert_variables(state_dict, template, ignore=lambda k: k.startswith("fc."))
 
 
@@ -279,11 +285,15 @@ def class_names_for(num_classes: int, names: str | None) -> list[str]:
     if len(lines) == num_classes - 1:
         lines = ["__background__"] + lines
     if len(lines) != num_classes:
-        raise ConversionError(f"{path}: {len(lines)} class names for a model with {num_classes} classes (incl. background)")
+        raise ConversionError(
+            f"{path}: {len(lines)} class names for a model with {num_classes} classes (incl. background)"
+        )
     return lines
 
 
-def convert(arch: str, checkpoint, out, *, bn_eps: float | None = None, anchor_sizes=None, class_names=None) -> pathlib.Path:
+def convert(
+    arch: str, checkpoint, out, *, bn_eps: float | None = None, anchor_sizes=None, class_names=None
+) -> pathlib.Path:
     """Converts `checkpoint` (.pth) for `arch` and writes a model checkpoint to `out`."""
     if arch not in STATE_DICT_ARCHS:
         raise ConversionError(f"unknown --arch {arch!r}; choose one of {STATE_DICT_ARCHS}")

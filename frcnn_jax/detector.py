@@ -20,7 +20,7 @@ that holds it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -193,7 +193,7 @@ class Detector(BatchedDetector):
         self._apply = jax.jit(lambda v, images, sizes: self.model.apply(v, images, sizes))
 
     @classmethod
-    def from_checkpoint(cls, path, **kwargs) -> "Detector":
+    def from_checkpoint(cls, path, **kwargs) -> Detector:
         """A model checkpoint (from `frcnn_jax.convert`) or a training work directory."""
         cfg, variables, meta = ckpt.load_model(path)
         if cfg is None:

@@ -41,7 +41,9 @@ def _to_numpy(tree):
     return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
-def save_model(directory, variables: dict, model_config: ModelConfig | None, metadata: dict | None = None) -> pathlib.Path:
+def save_model(
+    directory, variables: dict, model_config: ModelConfig | None, metadata: dict | None = None
+) -> pathlib.Path:
     """Writes a model checkpoint atomically (to a temporary sibling, then renamed).
 
     variables: {"params": ..., "frozen": ...} pytrees of arrays. model_config may be None

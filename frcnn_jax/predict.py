@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output directory for <stem>.png and <stem>.json")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--min-size", type=int, default=None, help="resize short side (default: checkpoint's or 800)")
-    parser.add_argument("--max-size", type=int, default=None, help="cap on the long side (default: checkpoint's or 1333)")
+    parser.add_argument(
+        "--max-size", type=int, default=None, help="cap on the long side (default: checkpoint's or 1333)"
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_threshold <= 1.0:
         parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
@@ -77,7 +79,9 @@ def main(argv=None) -> int:
         det = detector(image)
         items = detections_to_json(det, detector.class_names)
         (out_dir / f"{path.stem}.json").write_text(json.dumps(items, indent=1))
-        draw_detections(image, det["boxes"], det["scores"], det["labels"], detector.class_names).save(out_dir / f"{path.stem}.png")
+        draw_detections(image, det["boxes"], det["scores"], det["labels"], detector.class_names).save(
+            out_dir / f"{path.stem}.png"
+        )
         print(f"{path}: {len(items)} detections -> {out_dir / (path.stem + '.png')}")
     return 0
 

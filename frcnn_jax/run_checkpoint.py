@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp

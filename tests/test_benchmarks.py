@@ -119,8 +119,12 @@ def test_accelerator_smoke_runs_with_only_the_gpu_machines_packages(tmp_path):
     ours = [line for line in out.stdout.splitlines() if line.startswith("FORBIDDEN-IMPORT-CHECK ours:")]
     # (2) the import constraint. A failure here names the import chain, e.g.
     # "benchmarks/accelerator.py -> frcnn_jax.training.metrics -> tqdm".
-    assert ours, f"the import-blocking harness did not report\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"
-    assert ours[0].endswith("[]"), f"IMPORT CONSTRAINT VIOLATED (forbidden on the GPU machine): {ours[0]}\n{out.stderr[-4000:]}"
+    assert ours, (
+        f"the import-blocking harness did not report\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"
+    )
+    assert ours[0].endswith("[]"), (
+        f"IMPORT CONSTRAINT VIOLATED (forbidden on the GPU machine): {ours[0]}\n{out.stderr[-4000:]}"
+    )
     # (1) the benchmark itself.
     assert out.returncode == 0, f"rc={out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"
 
@@ -219,7 +223,10 @@ def test_batch_search_falls_back_on_out_of_memory(accelerator, tmp_path):
     assert ("fpn", "float32", "train", 8) not in calls and res[("fpn", "float32", "train", 4)]["status"] == "ok"
     assert res[("c4", "float32", "train", 2)]["status"] == "oom"
     assert [t["batch_per_device"] for t in res[("c4", "float32", "train", 2)]["tried"]] == [16, 8, 4, 2]
-    assert res[("c4", "float32", "infer", 1)]["status"] == "error" and "a bug" in res[("c4", "float32", "infer", 1)]["error"]
+    assert (
+        res[("c4", "float32", "infer", 1)]["status"] == "error"
+        and "a bug" in res[("c4", "float32", "infer", 1)]["error"]
+    )
     assert res[("fpn", "float32", "infer", 8)]["status"] == "ok"
     assert res[("fpn", "bfloat16", "infer", 1)]["vs_d2_v100"] == pytest.approx(2.0 * 0.038)
     assert len(done) == len(bench.rows) == 12
@@ -234,6 +241,8 @@ def test_batch_search_falls_back_on_out_of_memory(accelerator, tmp_path):
     bench = Fake(acc.FULL, ["fpn"], ["bfloat16"], mem_limit_bytes=12 * gib, time_budget_s=1e-9)
     bench.run()
     res = {(r.mode, r.result["batch_per_device"]): r.result for r in bench.rows}
-    assert res[("train", 8)]["status"] == "skipped" and [t["batch_per_device"] for t in res[("train", 8)]["tried"]] == [16]
+    assert res[("train", 8)]["status"] == "skipped" and [t["batch_per_device"] for t in res[("train", 8)]["tried"]] == [
+        16
+    ]
     assert res[("infer", 1)]["status"] == res[("infer", 8)]["status"] == "ok"
     assert any(row[5] == "SKIPPED" for row in bench.table_rows())

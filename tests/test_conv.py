@@ -153,7 +153,9 @@ def test_platform_choice_folds_away_in_a_cpu_compile(monkeypatch):
     lowered = grad.trace(x, kernel).lower(lowering_platforms=("cpu",))
     assert "stablehlo.case" in lowered.as_text()  # the platform choice, with only the CPU branch left
     assert "conditional" not in lowered.compile().as_text()
-    direct = jax.jit(jax.grad(lambda a, b: jnp.sum(conv_lib._xla_conv_dot_kernel_grad(a, b, 1, 1) ** 2), argnums=(0, 1)))
+    direct = jax.jit(
+        jax.grad(lambda a, b: jnp.sum(conv_lib._xla_conv_dot_kernel_grad(a, b, 1, 1) ** 2), argnums=(0, 1))
+    )
     for got, want in zip(grad(x, kernel), direct(x, kernel)):
         np.testing.assert_array_equal(got, want)
 

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import REPO
 from frcnn_jax import convert
 from frcnn_jax import model_checkpoint as checkpoint
 from frcnn_jax.modeling import config as model_config
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +33,20 @@ def test_fpn_conversion_layouts(fpn_state_dict, tmp_path):
     assert cfg == model_config.r50_fpn(num_classes=91, **{"backbone.bn_eps": 0.0})  # the package's one recipe
     assert meta["class_names"][1] == "person" and meta["label_to_category_id"]["1"] == 1
     p, f = v["params"], v["frozen"]
-    np.testing.assert_array_equal(p["backbone"]["body"]["conv1"]["kernel"], sd["backbone.body.conv1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(
-        f["backbone"]["body"]["layer2"]["0"]["downsample_1"]["running_var"], sd["backbone.body.layer2.0.downsample.1.running_var"]
+        p["backbone"]["body"]["conv1"]["kernel"], sd["backbone.body.conv1.weight"].transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        f["backbone"]["body"]["layer2"]["0"]["downsample_1"]["running_var"],
+        sd["backbone.body.layer2.0.downsample.1.running_var"],
     )
     np.testing.assert_array_equal(p["rpn"]["head"]["conv"]["bias"], sd["rpn.head.conv.0.0.bias"])
-    np.testing.assert_array_equal(p["backbone"]["fpn"]["inner_blocks_3"]["bias"], sd["backbone.fpn.inner_blocks.3.0.bias"])
-    np.testing.assert_array_equal(p["roi_heads"]["box_predictor"]["bbox_pred"]["kernel"], sd["roi_heads.box_predictor.bbox_pred.weight"].T)
+    np.testing.assert_array_equal(
+        p["backbone"]["fpn"]["inner_blocks_3"]["bias"], sd["backbone.fpn.inner_blocks.3.0.bias"]
+    )
+    np.testing.assert_array_equal(
+        p["roi_heads"]["box_predictor"]["bbox_pred"]["kernel"], sd["roi_heads.box_predictor.bbox_pred.weight"].T
+    )
     # fc6 columns: torchvision flattens (c, y, x), we flatten (y, x, c)
     w = sd["roi_heads.box_head.fc6.weight"]  # [1024, 256 * 7 * 7]
     ours = p["roi_heads"]["box_head"]["fc6"]["kernel"]  # [7 * 7 * 256, 1024]
@@ -74,7 +81,9 @@ def test_resnet50_backbone_conversion(torch, torchvision, tmp_path):
     out = convert.convert("resnet50", tmp_path / "r50.pth", tmp_path / "r50")
     cfg, v, meta = checkpoint.load_model(out)
     assert cfg is None and meta["kind"] == "resnet_backbone"
-    np.testing.assert_array_equal(v["params"]["layer4"]["2"]["conv3"]["kernel"], sd["layer4.2.conv3.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        v["params"]["layer4"]["2"]["conv3"]["kernel"], sd["layer4.2.conv3.weight"].numpy().transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(v["frozen"]["bn1"]["running_mean"], sd["bn1.running_mean"].numpy())
 
     # ... and initialises a C4 detector for training: layer1-3 in the trunk, layer4 as the box head
@@ -92,10 +101,21 @@ def test_resnet50_backbone_conversion(torch, torchvision, tmp_path):
     config.train.init_backbone = str(out)
     model = FasterRCNN(ModelConfig.from_dict(config.model.to_dict()))
     init = _init_variables(model, config, 0)
-    np.testing.assert_array_equal(init["params"]["backbone"]["body"]["layer3"]["5"]["conv2"]["kernel"], v["params"]["layer3"]["5"]["conv2"]["kernel"])
-    np.testing.assert_array_equal(init["params"]["roi_heads"]["box_head"]["layer4"]["0"]["downsample_0"]["kernel"], v["params"]["layer4"]["0"]["downsample_0"]["kernel"])
-    np.testing.assert_array_equal(init["frozen"]["roi_heads"]["box_head"]["layer4"]["1"]["bn2"]["running_var"], v["frozen"]["layer4"]["1"]["bn2"]["running_var"])
-    np.testing.assert_array_equal(init["frozen"]["backbone"]["body"]["bn1"]["running_mean"], v["frozen"]["bn1"]["running_mean"])
+    np.testing.assert_array_equal(
+        init["params"]["backbone"]["body"]["layer3"]["5"]["conv2"]["kernel"],
+        v["params"]["layer3"]["5"]["conv2"]["kernel"],
+    )
+    np.testing.assert_array_equal(
+        init["params"]["roi_heads"]["box_head"]["layer4"]["0"]["downsample_0"]["kernel"],
+        v["params"]["layer4"]["0"]["downsample_0"]["kernel"],
+    )
+    np.testing.assert_array_equal(
+        init["frozen"]["roi_heads"]["box_head"]["layer4"]["1"]["bn2"]["running_var"],
+        v["frozen"]["layer4"]["1"]["bn2"]["running_var"],
+    )
+    np.testing.assert_array_equal(
+        init["frozen"]["backbone"]["body"]["bn1"]["running_mean"], v["frozen"]["bn1"]["running_mean"]
+    )
     config.model.backbone.depth = 101
     with pytest.raises(ValueError, match="ResNet-50 checkpoint cannot initialise model.backbone.depth=101"):
         _init_variables(FasterRCNN(ModelConfig.from_dict(config.model.to_dict())), config, 0)

@@ -17,7 +17,9 @@ from frcnn_jax.data import CocoJsonSource, validate_example
 @pytest.fixture(scope="module")
 def coco128(shared):
     root = shared / "data/coco128"
-    return CocoJsonSource(root / "annotations.json", root / "images"), json.loads((root / "annotations.json").read_text())
+    return CocoJsonSource(root / "annotations.json", root / "images"), json.loads(
+        (root / "annotations.json").read_text()
+    )
 
 
 def test_coco128_counts_and_empty_images(coco128):
@@ -91,11 +93,15 @@ def _tiny(tmp_path, shared, annotations=None, images=None, categories=None):
     for name in ("000000000009.jpg", "000000000025.jpg"):
         shutil.copy(src / name, img_dir / name)
     data = {
-        "images": images if images is not None else [
+        "images": images
+        if images is not None
+        else [
             {"id": 9, "file_name": "000000000009.jpg", "width": 640, "height": 480},
             {"id": 25, "file_name": "000000000025.jpg", "width": 640, "height": 426},
         ],
-        "annotations": annotations if annotations is not None else [
+        "annotations": annotations
+        if annotations is not None
+        else [
             {"id": 1, "image_id": 9, "category_id": 3, "bbox": [10, 20, 30, 40], "area": 1200, "iscrowd": 0},
         ],
         "categories": categories if categories is not None else [{"id": 3, "name": "car"}, {"id": 1, "name": "person"}],
@@ -156,8 +162,13 @@ def test_grayscale_cmyk_and_exif_orientation(tmp_path, shared):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": must NOT be applied
     photo.save(img_dir / "exif.jpg", exif=exif)
-    images = [{"id": i, "file_name": n, "width": 640, "height": 480} for i, n in enumerate(["gray.jpg", "cmyk.jpg", "exif.jpg"])]
-    source = CocoJsonSource(_write(tmp_path, {"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]}), img_dir)
+    images = [
+        {"id": i, "file_name": n, "width": 640, "height": 480}
+        for i, n in enumerate(["gray.jpg", "cmyk.jpg", "exif.jpg"])
+    ]
+    source = CocoJsonSource(
+        _write(tmp_path, {"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]}), img_dir
+    )
     for i in range(3):
         ex = source[i]
         assert ex["image"].shape == (480, 640, 3) and ex["image"].dtype == np.uint8
@@ -170,7 +181,7 @@ def test_grayscale_cmyk_and_exif_orientation(tmp_path, shared):
     [
         ("", "is empty"),
         ("   \n", "is empty"),
-        ("{\"images\": [", "malformed JSON"),
+        ('{"images": [', "malformed JSON"),
         ("[1, 2]", "top level is a list"),
         (json.dumps({"images": [], "annotations": []}), "missing required key 'categories'"),
         (json.dumps({"images": [], "categories": []}), "missing required key 'annotations'"),

@@ -33,10 +33,29 @@ def _check_batch(batch, batch_size, max_gt):
     assert list(batch) == list(BATCH_KEYS)
     b, hc, wc, c = batch["image"].shape
     assert b == batch_size and c == 3 and hc % 32 == 0 and wc % 32 == 0
-    dtypes = dict(image=np.float32, image_size=np.int32, orig_size=np.int32, boxes=np.float32, labels=np.int32,
-                  gt_valid=np.bool_, is_crowd=np.bool_, difficult=np.bool_, image_id=np.int64, valid=np.bool_)
-    shapes = dict(image_size=(b, 2), orig_size=(b, 2), boxes=(b, max_gt, 4), labels=(b, max_gt), gt_valid=(b, max_gt),
-                  is_crowd=(b, max_gt), difficult=(b, max_gt), image_id=(b,), valid=(b,))
+    dtypes = dict(
+        image=np.float32,
+        image_size=np.int32,
+        orig_size=np.int32,
+        boxes=np.float32,
+        labels=np.int32,
+        gt_valid=np.bool_,
+        is_crowd=np.bool_,
+        difficult=np.bool_,
+        image_id=np.int64,
+        valid=np.bool_,
+    )
+    shapes = dict(
+        image_size=(b, 2),
+        orig_size=(b, 2),
+        boxes=(b, max_gt, 4),
+        labels=(b, max_gt),
+        gt_valid=(b, max_gt),
+        is_crowd=(b, max_gt),
+        difficult=(b, max_gt),
+        image_id=(b,),
+        valid=(b,),
+    )
     for key, dtype in dtypes.items():
         assert batch[key].dtype == dtype, key
         if key in shapes:
@@ -113,8 +132,18 @@ def test_training_flip_and_scales_match_records():
 
 def test_one_canvas_per_batch_with_portrait_and_landscape(coco128):
     canvases = [(320, 544), (544, 320)]
-    it = build_iterator(coco128, batch_size=2, canvases=canvases, min_size=320, max_size=533, max_gt=64,
-                        train=True, seed=1, shard_index=0, shard_count=1)
+    it = build_iterator(
+        coco128,
+        batch_size=2,
+        canvases=canvases,
+        min_size=320,
+        max_size=533,
+        max_gt=64,
+        train=True,
+        seed=1,
+        shard_index=0,
+        shard_count=1,
+    )
     seen = set()
     for batch in _take(it, 10):
         _check_batch(batch, 2, 64)
@@ -137,8 +166,18 @@ def test_crowd_boxes_kept_with_flag(coco128):
         def __getitem__(self, i):
             return coco128[row]
 
-    it = build_iterator(One(), batch_size=1, canvases=[(224, 224)], min_size=160, max_size=224, max_gt=32,
-                        train=True, seed=0, shard_index=0, shard_count=1)
+    it = build_iterator(
+        One(),
+        batch_size=1,
+        canvases=[(224, 224)],
+        min_size=160,
+        max_size=224,
+        max_gt=32,
+        train=True,
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+    )
     batch = next(it)
     it.close()
     t = coco128.targets(row)
@@ -184,8 +223,18 @@ def test_state_restore_with_pending_groups():
 
 def test_epochs_reshuffle_and_cover_the_shard():
     source = ShapesDataset("train", num_images=12)
-    it = build_iterator(source, batch_size=4, canvases=[(128, 128)], min_size=128, max_size=128, max_gt=6,
-                        train=True, seed=0, shard_index=0, shard_count=1)
+    it = build_iterator(
+        source,
+        batch_size=4,
+        canvases=[(128, 128)],
+        min_size=128,
+        max_size=128,
+        max_gt=6,
+        train=True,
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+    )
     ids = np.concatenate([b["image_id"] for b in _take(it, 6)])
     it.close()
     assert sorted(ids[:12]) == list(range(12)) and sorted(ids[12:]) == list(range(12))
@@ -194,8 +243,18 @@ def test_epochs_reshuffle_and_cover_the_shard():
 
 def test_eval_covers_every_image_once_with_multiple_canvases(coco128):
     canvases = [(160, 256), (256, 160)]
-    it = build_iterator(coco128, batch_size=5, canvases=canvases, min_size=160, max_size=256, max_gt=100,
-                        train=False, shard_index=0, shard_count=1, num_threads=1)
+    it = build_iterator(
+        coco128,
+        batch_size=5,
+        canvases=canvases,
+        min_size=160,
+        max_size=256,
+        max_gt=100,
+        train=False,
+        shard_index=0,
+        shard_count=1,
+        num_threads=1,
+    )
     batches = list(it)
     it.close()
     ids = []
@@ -229,7 +288,10 @@ def test_per_host_shards_are_disjoint():
     # Training: each host prepares its rows of the same global batches, whatever the host count.
     train = ShapesDataset("train", num_images=20)
     one = build_iterator(train, train=True, seed=0, shard_index=0, shard_count=1, **{**SINGLE, "batch_size": 6})
-    hosts = [build_iterator(train, train=True, seed=0, shard_index=i, shard_count=3, **{**SINGLE, "batch_size": 2}) for i in range(3)]
+    hosts = [
+        build_iterator(train, train=True, seed=0, shard_index=i, shard_count=3, **{**SINGLE, "batch_size": 2})
+        for i in range(3)
+    ]
     for _ in range(5):  # more than an epoch: the reshuffle is global too
         whole = next(one)
         parts = [next(h) for h in hosts]
@@ -244,21 +306,51 @@ def test_per_host_shards_are_disjoint():
 def test_errors_and_truncation_warning(caplog):
     source = ShapesDataset("val", num_images=4, min_objects=3, max_objects=3)
     with caplog.at_level(logging.WARNING, logger="frcnn_jax.data.transforms"):
-        it = build_iterator(source, batch_size=2, canvases=[(128, 128)], min_size=128, max_size=128, max_gt=2,
-                            train=False, shard_index=0, shard_count=1, num_threads=0, prefetch_batches=0)
+        it = build_iterator(
+            source,
+            batch_size=2,
+            canvases=[(128, 128)],
+            min_size=128,
+            max_size=128,
+            max_gt=2,
+            train=False,
+            shard_index=0,
+            shard_count=1,
+            num_threads=0,
+            prefetch_batches=0,
+        )
         batch = next(it)
         it.close()
     assert batch["gt_valid"].all() and "image 0 has 3 ground-truth boxes" in caplog.text
-    it = build_iterator(source, batch_size=2, canvases=[(96, 96)], min_size=128, max_size=128, max_gt=4,
-                        train=False, shard_index=0, shard_count=1, num_threads=0, prefetch_batches=0)
+    it = build_iterator(
+        source,
+        batch_size=2,
+        canvases=[(96, 96)],
+        min_size=128,
+        max_size=128,
+        max_gt=4,
+        train=False,
+        shard_index=0,
+        shard_count=1,
+        num_threads=0,
+        prefetch_batches=0,
+    )
     with pytest.raises(ValueError, match=r"image id 0 .*\(h, w\)=\(128, 128\).*\(96, 96\)"):
         next(it)
     it.close()
     with pytest.raises(ValueError, match="multiples of 32"):
         build_iterator(source, batch_size=2, canvases=[(100, 128)], min_size=96, max_size=128, train=False)
     with pytest.raises(ValueError, match="shard_index"):
-        build_iterator(source, batch_size=2, canvases=[(128, 128)], min_size=96, max_size=128, train=False,
-                       shard_index=2, shard_count=2)
+        build_iterator(
+            source,
+            batch_size=2,
+            canvases=[(128, 128)],
+            min_size=96,
+            max_size=128,
+            train=False,
+            shard_index=2,
+            shard_count=2,
+        )
 
 
 def test_hflip_false_never_flips_and_keeps_shuffle_and_scales():

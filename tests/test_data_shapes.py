@@ -94,8 +94,16 @@ def test_overlap_limited_and_never_hidden(rendered):
 
 
 def test_options_and_errors():
-    ds = ShapesDataset("val", num_images=3, image_size=(64, 96), min_objects=2, max_objects=2, min_size=8,
-                       max_size=24, classes=("cross", "circle"))
+    ds = ShapesDataset(
+        "val",
+        num_images=3,
+        image_size=(64, 96),
+        min_objects=2,
+        max_objects=2,
+        min_size=8,
+        max_size=24,
+        classes=("cross", "circle"),
+    )
     assert ds.category_names == ["cross", "circle"] and ds.num_object_classes == 2 and len(ds) == 3
     for i in range(3):
         ex = ds[i]

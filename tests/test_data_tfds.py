@@ -11,12 +11,11 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds  # a runtime dependency: a missing one is an error, not a skip
 
 from frcnn_jax.categories import COCO_CATEGORY_IDS, VOC_CLASS_NAMES
 from frcnn_jax.data import TfdsSource, validate_example
 from frcnn_jax.data.images import decode_image
-
-import tensorflow_datasets as tfds  # a runtime dependency: a missing one is an error, not a skip
 
 # Images 9 and 25 (several boxes), 149 (with a crowd box), 308 (annotations removed: an image without objects).
 COCO_IMAGE_IDS = (9, 149, 25, 308)
@@ -37,18 +36,22 @@ def _coco_builder(images_dir, coco):
         def _info(self):
             return tfds.core.DatasetInfo(
                 builder=self,
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(encoding_format="jpeg"),
-                    "image/filename": tfds.features.Text(),
-                    "image/id": np.int64,
-                    "objects": tfds.features.Sequence({
-                        "id": np.int64,
-                        "area": np.int64,
-                        "bbox": tfds.features.BBoxFeature(),
-                        "label": tfds.features.ClassLabel(names=names),
-                        "is_crowd": np.bool_,
-                    }),
-                }),
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(encoding_format="jpeg"),
+                        "image/filename": tfds.features.Text(),
+                        "image/id": np.int64,
+                        "objects": tfds.features.Sequence(
+                            {
+                                "id": np.int64,
+                                "area": np.int64,
+                                "bbox": tfds.features.BBoxFeature(),
+                                "label": tfds.features.ClassLabel(names=names),
+                                "is_crowd": np.bool_,
+                            }
+                        ),
+                    }
+                ),
             )
 
         def _split_generators(self, dl_manager):
@@ -57,24 +60,29 @@ def _coco_builder(images_dir, coco):
         def _generate_examples(self):  # as tfds' coco.py: sorted by id, normalised boxes
             for im in sorted(images, key=lambda x: x["id"]):
                 w, h = im["width"], im["height"]
-                yield im["file_name"], {
-                    "image": str(images_dir / im["file_name"]),
-                    "image/filename": im["file_name"],
-                    "image/id": im["id"],
-                    "objects": [
-                        {
-                            "id": a["id"],
-                            "area": a["area"],
-                            "bbox": tfds.features.BBox(
-                                ymin=a["bbox"][1] / h, xmin=a["bbox"][0] / w,
-                                ymax=(a["bbox"][1] + a["bbox"][3]) / h, xmax=(a["bbox"][0] + a["bbox"][2]) / w,
-                            ),
-                            "label": names[COCO_CATEGORY_IDS.index(a["category_id"])],
-                            "is_crowd": bool(a["iscrowd"]),
-                        }
-                        for a in by_image.get(im["id"], [])
-                    ],
-                }
+                yield (
+                    im["file_name"],
+                    {
+                        "image": str(images_dir / im["file_name"]),
+                        "image/filename": im["file_name"],
+                        "image/id": im["id"],
+                        "objects": [
+                            {
+                                "id": a["id"],
+                                "area": a["area"],
+                                "bbox": tfds.features.BBox(
+                                    ymin=a["bbox"][1] / h,
+                                    xmin=a["bbox"][0] / w,
+                                    ymax=(a["bbox"][1] + a["bbox"][3]) / h,
+                                    xmax=(a["bbox"][0] + a["bbox"][2]) / w,
+                                ),
+                                "label": names[COCO_CATEGORY_IDS.index(a["category_id"])],
+                                "is_crowd": bool(a["iscrowd"]),
+                            }
+                            for a in by_image.get(im["id"], [])
+                        ],
+                    },
+                )
 
     return Coco, images, by_image
 
@@ -95,19 +103,23 @@ def _voc_builder(images_dir):
         def _info(self):
             return tfds.core.DatasetInfo(
                 builder=self,
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(),
-                    "image/filename": tfds.features.Text(),
-                    "objects": tfds.features.Sequence({
-                        "label": tfds.features.ClassLabel(names=VOC_CLASS_NAMES),
-                        "bbox": tfds.features.BBoxFeature(),
-                        "pose": tfds.features.ClassLabel(names=poses),
-                        "is_truncated": np.bool_,
-                        "is_difficult": np.bool_,
-                    }),
-                    "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_CLASS_NAMES)),
-                    "labels_no_difficult": tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_CLASS_NAMES)),
-                }),
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(),
+                        "image/filename": tfds.features.Text(),
+                        "objects": tfds.features.Sequence(
+                            {
+                                "label": tfds.features.ClassLabel(names=VOC_CLASS_NAMES),
+                                "bbox": tfds.features.BBoxFeature(),
+                                "pose": tfds.features.ClassLabel(names=poses),
+                                "is_truncated": np.bool_,
+                                "is_difficult": np.bool_,
+                            }
+                        ),
+                        "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_CLASS_NAMES)),
+                        "labels_no_difficult": tfds.features.Sequence(tfds.features.ClassLabel(names=VOC_CLASS_NAMES)),
+                    }
+                ),
             )
 
         def _split_generators(self, dl_manager):
@@ -117,19 +129,25 @@ def _voc_builder(images_dir):
             sizes = {"000000000009.jpg": (480, 640), "000000000025.jpg": (426, 640)}
             for name, objects in VOC_OBJECTS.items():
                 h, w = sizes[name]
-                yield name, {
-                    "image": str(images_dir / name),
-                    "image/filename": name,
-                    "objects": [
-                        {
-                            "label": label, "pose": "unspecified", "is_truncated": False, "is_difficult": diff,
-                            "bbox": tfds.features.BBox(b[1] / h, b[0] / w, b[3] / h, b[2] / w),
-                        }
-                        for label, b, diff in objects
-                    ],
-                    "labels": sorted({o[0] for o in objects}),
-                    "labels_no_difficult": sorted({o[0] for o in objects if not o[2]}),
-                }
+                yield (
+                    name,
+                    {
+                        "image": str(images_dir / name),
+                        "image/filename": name,
+                        "objects": [
+                            {
+                                "label": label,
+                                "pose": "unspecified",
+                                "is_truncated": False,
+                                "is_difficult": diff,
+                                "bbox": tfds.features.BBox(b[1] / h, b[0] / w, b[3] / h, b[2] / w),
+                            }
+                            for label, b, diff in objects
+                        ],
+                        "labels": sorted({o[0] for o in objects}),
+                        "labels_no_difficult": sorted({o[0] for o in objects if not o[2]}),
+                    },
+                )
 
     return Voc
 
@@ -141,7 +159,9 @@ def tiny_tfds(shared, tmp_path_factory):
     coco = json.loads((shared / "data/coco128/annotations.json").read_text())
     coco_cls, images, by_image = _coco_builder(images_dir, coco)
     config = tfds.download.DownloadConfig(try_download_gcs=False)
-    coco_cls(config="2017", data_dir=str(data_dir), file_format="array_record").download_and_prepare(download_config=config)
+    coco_cls(config="2017", data_dir=str(data_dir), file_format="array_record").download_and_prepare(
+        download_config=config
+    )
     _voc_builder(images_dir)(config="2007", data_dir=str(data_dir), file_format="array_record").download_and_prepare(
         download_config=config
     )
@@ -209,7 +229,9 @@ def test_errors(tmp_path, tiny_tfds):
     data_dir = tiny_tfds[0]
     with pytest.raises(ValueError, match="unknown tfds dataset name 'mnist'.*coco/2017"):
         TfdsSource("mnist", "train", data_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"not prepared.*TensorFlow.*tfds build voc/2012 .*--file_format=array_record"):
+    with pytest.raises(
+        FileNotFoundError, match=r"not prepared.*TensorFlow.*tfds build voc/2012 .*--file_format=array_record"
+    ):
         TfdsSource("voc/2012", "train", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="cannot open split 'train'"):
         TfdsSource("coco/2017", "train", data_dir=str(data_dir))
@@ -231,14 +253,15 @@ def test_source_pickles_for_workers(tiny_tfds):
 
 def test_voc_model_evaluation_reports_both_voc_metrics(tiny_tfds):
     """eval.py's model path on a VOC dataset: COCO-style AP plus VOC mAP (11-point and area)."""
+    import sys
+
     import jax
 
+    from conftest import REPO
     from frcnn_jax.data import builder
     from frcnn_jax.evaluation.model_eval import evaluate_model
     from frcnn_jax.modeling.config import ModelConfig
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
-    from conftest import REPO
-    import sys
 
     sys.path.insert(0, str(REPO))
     from configs import r50_c4_voc

@@ -49,10 +49,17 @@ def test_resize_matches_torch_interpolate_on_photo(torch, shared):
     photo = np.asarray(Image.open(shared / "data/coco128/images/000000000009.jpg").convert("RGB"))
     image = photo.astype(np.float32) / 255.0
     scale = min(800 / min(image.shape[:2]), 1333 / max(image.shape[:2]))
-    ref = torch.nn.functional.interpolate(
-        torch.from_numpy(image.transpose(2, 0, 1))[None], scale_factor=scale, mode="bilinear",
-        recompute_scale_factor=True, align_corners=False,
-    )[0].numpy().transpose(1, 2, 0)
+    ref = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(image.transpose(2, 0, 1))[None],
+            scale_factor=scale,
+            mode="bilinear",
+            recompute_scale_factor=True,
+            align_corners=False,
+        )[0]
+        .numpy()
+        .transpose(1, 2, 0)
+    )
     ours, hw = T.resize_image(image, 800, 1333)
     assert hw == (800, 1066) == ref.shape[:2]
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)

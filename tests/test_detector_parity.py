@@ -17,7 +17,6 @@ float32 run differs from its float64 run by as much (measured on this image:
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +43,18 @@ def _match_rate(ref_boxes, ref_scores, ref_labels, boxes, scores, labels, score_
     ok = 0
     for i in range(len(ref_boxes)):
         cand = np.nonzero(iou[i] > iou_thr)[0]
-        ok += any(abs(scores[j] - ref_scores[i]) <= score_tol and (labels is None or labels[j] == ref_labels[i]) for j in cand)
+        ok += any(
+            abs(scores[j] - ref_scores[i]) <= score_tol and (labels is None or labels[j] == ref_labels[i]) for j in cand
+        )
     return ok / len(ref_boxes)
 
 
 @pytest.fixture(scope="module", params=["c4", "fpn"])
 def pair(request, torch, shared, tmp_path_factory):
     """(arch, calibrated torchvision model, our variables/config, preprocessed ImageList, raw image)."""
-    from frcnn_jax.testing import torch_reference as tr
     from PIL import Image
+
+    from frcnn_jax.testing import torch_reference as tr
 
     arch = request.param
     image = np.asarray(Image.open(shared / "data" / "coco128" / "images" / IMAGE).convert("RGB"))

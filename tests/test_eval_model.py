@@ -48,5 +48,10 @@ def test_eval_converted_checkpoint_on_coco128(torch, shared, tmp_path):
     assert all(len(d["bbox"]) == 4 for d in dets)
     assert Image.open(out / "precision_recall.png").size[0] > 100
 
-    r = subprocess.run([sys.executable, "eval.py", f"--checkpoint={tmp_path / 'nope'}", f"--out={out}"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "eval.py", f"--checkpoint={tmp_path / 'nope'}", f"--out={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr

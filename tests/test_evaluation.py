@@ -399,7 +399,7 @@ def test_evaluate_voc_matches_brute_force_on_random_data(seed):
     rng = np.random.default_rng(seed)
     num_classes, num_images = 4, 12
     gts, dets = [], []
-    for i in range(num_images):
+    for _ in range(num_images):
         n = int(rng.integers(0, 6))
         xy = rng.uniform(0, 80, (n, 2))
         wh = rng.uniform(5, 40, (n, 2))

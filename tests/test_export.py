@@ -48,10 +48,10 @@ R50_FPN = r50_fpn(num_classes=91, **{"backbone.bn_eps": 0.0})
 @pytest.fixture(scope="module")
 def r50(torch, shared, tmp_path_factory):
     """{"ckpt": converted checkpoint, "paths": photo files, "photos": uint8 arrays, "tmp": dir}."""
-    from frcnn_jax.testing import torch_reference as tr
     from PIL import Image
 
     from frcnn_jax import convert
+    from frcnn_jax.testing import torch_reference as tr
 
     torch.manual_seed(0)
     model = tr.build_fpn(num_classes=91, min_size=MIN_SIZE, max_size=MAX_SIZE)
@@ -90,7 +90,11 @@ def test_sidecar_holds_the_preprocessing_contract(artifact, r50):
     doc = json.loads(fexport.sidecar_path(artifact).read_text())
     meta = model_checkpoint.read_model_json(r50["ckpt"])["metadata"]
     assert doc["format"] == fexport.SIDECAR_FORMAT
-    assert doc["preprocessing"]["mean"] == [0.485, 0.456, 0.406] and doc["preprocessing"]["std"] == [0.229, 0.224, 0.225]
+    assert doc["preprocessing"]["mean"] == [0.485, 0.456, 0.406] and doc["preprocessing"]["std"] == [
+        0.229,
+        0.224,
+        0.225,
+    ]
     assert (doc["preprocessing"]["min_size"], doc["preprocessing"]["max_size"]) == (MIN_SIZE, MAX_SIZE)
     assert doc["canvases"] == [list(CANVAS)] and doc["batch"] == 2 and doc["dynamic_batch"] is True
     assert doc["platforms"] == ["cpu", "cuda", "tpu"] and doc["dtype"] == "float32"
@@ -115,7 +119,9 @@ def test_artifact_gives_exactly_the_detectors_detections(loaded, r50):
     """Same photos, same canvas and batch: the deserialised program equals `Detector`, bit for bit
     (its symbolic batch refined to 2 against Detector's static batch of 2)."""
     det, got = loaded
-    ref_det = Detector.from_checkpoint(r50["ckpt"], canvases=[CANVAS], batch_size=2, min_size=MIN_SIZE, max_size=MAX_SIZE)
+    ref_det = Detector.from_checkpoint(
+        r50["ckpt"], canvases=[CANVAS], batch_size=2, min_size=MIN_SIZE, max_size=MAX_SIZE
+    )
     ref = ref_det(r50["photos"])
     for name, g, r in zip(PHOTOS, got, ref):
         assert len(r["boxes"]) > 10, "calibrated random weights give detections"
@@ -212,9 +218,14 @@ def test_unusable_checkpoints_are_one_error_line(capsys, tmp_path):
     )
     # as a subprocess: exit code and stderr exactly as a user sees them, no traceback
     r = subprocess.run(
-        [sys.executable, "-m", "frcnn_jax.export", "--checkpoint", str(backbone), *args], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "frcnn_jax.export", "--checkpoint", str(backbone), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
-    assert r.returncode == 1 and r.stderr == f"error: {backbone} holds a backbone only (resnet_backbone), not a detector\n"
+    assert (
+        r.returncode == 1 and r.stderr == f"error: {backbone} holds a backbone only (resnet_backbone), not a detector\n"
+    )
     assert not (tmp_path / "x.jaxexport").exists()
 
 
@@ -227,7 +238,9 @@ def test_bfloat16_multi_canvas_export_runs_and_gives_valid_detections(tmp_path, 
         "roi_heads.representation_size": 32, "roi_heads.postprocess.score_thresh": 0.0,
     })  # fmt: skip
     variables = init_variables(FasterRCNN(cfg), jax.random.key(0))
-    ckpt = model_checkpoint.save_model(tmp_path / "ckpt", variables, cfg, {"class_names": ["__background__", "a", "b", "c"]})
+    ckpt = model_checkpoint.save_model(
+        tmp_path / "ckpt", variables, cfg, {"class_names": ["__background__", "a", "b", "c"]}
+    )
     out = tmp_path / "serve" / "tiny.jaxexport"
     argv = ["--checkpoint", str(ckpt), "--out", str(out), "--canvas", "96x128", "--canvas", "128x96", "--batch", "2",
             "--dtype", "bfloat16", "--min-size", "90", "--max-size", "120"]  # fmt: skip
@@ -298,7 +311,9 @@ def test_sharded_r50_fpn_train_step_lowers_for_cuda_and_tpu():
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
     state = _abstract(jax.eval_shape(lambda: create_train_state(model, variables, ocfg, 0)[0]))
     tx = make_optimizer(ocfg, variables["params"], frozen_param_paths(model.cfg))
-    step = sharding.shard_train_step(make_train_step(model, tx, learning_rate_schedule(ocfg)), sharding.data_mesh(), state)
+    step = sharding.shard_train_step(
+        make_train_step(model, tx, learning_rate_schedule(ocfg)), sharding.data_mesh(), state
+    )
     b, hw, g = 8, 256, 4
     batch = {
         "image": jax.ShapeDtypeStruct((b, hw, hw, 3), jnp.float32), "image_size": jax.ShapeDtypeStruct((b, 2), jnp.int32),

@@ -75,7 +75,9 @@ def test_config_files_build_their_model_config():
     assert ModelConfig.from_dict(config.model.to_dict()).rpn.nms_thresh == 0.6
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((4, 5), (8, 10)), ((3, 5), (7, 9)), ((25, 34), (50, 68)), ((5, 6), (15, 12))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw", [((4, 5), (8, 10)), ((3, 5), (7, 9)), ((25, 34), (50, 68)), ((5, 6), (15, 12))]
+)
 def test_upsample_nearest_matches_torch(torch, in_hw, out_hw):
     x = np.random.default_rng(0).normal(size=(1, *in_hw, 3)).astype(np.float32)
     ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="nearest")
@@ -126,7 +128,11 @@ def test_detector_api_inputs_and_rescaling(tmp_path):
     det = Detector.from_checkpoint(path, min_size=64, max_size=96, batch_size=2)
     assert det.class_names == ["bg", "a", "b", "c"]
     rng = np.random.default_rng(3)
-    imgs = [rng.integers(0, 255, (120, 90, 3), np.uint8), rng.integers(0, 255, (50, 100), np.uint8), rng.random((64, 64, 4))]
+    imgs = [
+        rng.integers(0, 255, (120, 90, 3), np.uint8),
+        rng.integers(0, 255, (50, 100), np.uint8),
+        rng.random((64, 64, 4)),
+    ]
     out = det(imgs)
     assert len(out) == 3
     for img, o in zip(imgs, out):

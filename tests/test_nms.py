@@ -145,7 +145,12 @@ def test_nms_traced_threshold():
         (lambda: ops.nms(np.zeros((3, 4), np.float32), np.zeros((4,), np.float32), 0.5, 5), "scores"),
         (lambda: ops.nms(np.zeros((3, 4), np.float32), np.zeros((3, 1), np.float32), 0.5, 5), "scores"),
         (lambda: ops.nms(np.array([[0, 0, np.nan, 1]], np.float32), np.zeros((1,), np.float32), 0.5, 5), "finite"),
-        (lambda: ops.batched_nms(np.zeros((3, 4), np.float32), np.zeros(3, np.float32), np.zeros(3, np.float32), 0.5, 2), "class_ids"),
+        (
+            lambda: ops.batched_nms(
+                np.zeros((3, 4), np.float32), np.zeros(3, np.float32), np.zeros(3, np.float32), 0.5, 2
+            ),
+            "class_ids",
+        ),
     ],
 )
 def test_nms_rejects_bad_arguments(call, match):

@@ -48,7 +48,12 @@ def test_predict_cli_draws_and_writes_json(torch, shared, tmp_path):
         png = Image.open(out / f"{path.stem}.png")
         assert png.size == (w, h)
         # something was drawn: the output differs from the photo
-        assert np.abs(np.asarray(png.convert("RGB"), np.int16) - np.asarray(Image.open(path).convert("RGB"), np.int16)).max() > 50
+        assert (
+            np.abs(
+                np.asarray(png.convert("RGB"), np.int16) - np.asarray(Image.open(path).convert("RGB"), np.int16)
+            ).max()
+            > 50
+        )
 
     r = subprocess.run(
         [sys.executable, "-m", "frcnn_jax.predict", "--checkpoint", str(ckpt), str(tmp_path / "missing.jpg"), "--out", str(out)],

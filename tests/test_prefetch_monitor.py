@@ -102,7 +102,9 @@ def test_monitor_window_means_and_first_non_finite_step():
 
 
 def test_monitor_checks_the_gradient_norm_too():
-    mon = monitor_lib.accumulate(monitor_lib.init_monitor(METRIC_NAMES), _metrics(1.0, grad_norm=float("inf")), jnp.int32(7))
+    mon = monitor_lib.accumulate(
+        monitor_lib.init_monitor(METRIC_NAMES), _metrics(1.0, grad_norm=float("inf")), jnp.int32(7)
+    )
     assert monitor_lib.divergence_message(jax.device_get(mon)) == "non-finite loss at step 7: grad_norm=inf"
 
 

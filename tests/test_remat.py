@@ -27,8 +27,12 @@ from test_train_step import TINY, tiny_batch
 CONFIGS = {
     "c4": {**TINY, "backbone.zero_init_residual": False},
     "fpn": {
-        **TINY, "arch": "fpn", "backbone.zero_init_residual": False, "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0),
-        "backbone.fpn_channels": 128, "roi_heads.representation_size": 32,
+        **TINY,
+        "arch": "fpn",
+        "backbone.zero_init_residual": False,
+        "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0),
+        "backbone.fpn_channels": 128,
+        "roi_heads.representation_size": 32,
     },  # fmt: skip
 }
 KEY = jax.random.key(3)
@@ -58,7 +62,7 @@ def _losses_and_grads(cfg: ModelConfig, variables, batch):
     return jax.device_get(losses), jax.device_get(grads), str(traced.jaxpr)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(arch: str):
     """(variables, losses, grads, gradient jaxpr) of the "none" setting, once per arch."""
     cfg = ModelConfig.from_dict(CONFIGS[arch])

@@ -161,7 +161,7 @@ def test_multilevel_matches_per_level(torch, torchvision):
     levels = rng.integers(0, 3, 90).astype(np.int32)
     scales = [1 / 4, 1 / 8, 1 / 16]
     got = np.asarray(
-        jax.jit(lambda f, b, i, l: multilevel_roi_align(f, scales, b, i, l, 7, 2, False))(feats, boxes, batch, levels)
+        jax.jit(lambda f, b, i, lv: multilevel_roi_align(f, scales, b, i, lv, 7, 2, False))(feats, boxes, batch, levels)
     )
     for k in range(90):
         ref, _ = _torch_roi_align(

@@ -34,7 +34,21 @@ def test_train_outputs_and_exact_resume(tmp_path):
 
     config = tiny_config()
     full = train_and_evaluate(config, tmp_path / "a")
-    assert set(full) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl", "per_class"}
+    assert set(full) >= {
+        "AP",
+        "AP50",
+        "AP75",
+        "APs",
+        "APm",
+        "APl",
+        "AR1",
+        "AR10",
+        "AR100",
+        "ARs",
+        "ARm",
+        "ARl",
+        "per_class",
+    }
     a = tmp_path / "a"
     assert json.loads((a / "eval_final.json").read_text())["AP"] == full["AP"]
     for name in ("loss_curve.png", "detections.png", "config.json"):
@@ -71,7 +85,12 @@ def test_train_outputs_and_exact_resume(tmp_path):
     assert out["boxes"].shape[1] == 4
 
     # eval.py on the training work directory (its own config) reproduces the final AP
-    r = subprocess.run([sys.executable, "eval.py", f"--checkpoint={b}", f"--out={tmp_path / 'ev'}"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "eval.py", f"--checkpoint={b}", f"--out={tmp_path / 'ev'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["AP"] == pytest.approx(full["AP"], abs=1e-6)
 
@@ -102,7 +121,10 @@ def test_non_finite_loss_stops_with_the_step_and_term(tmp_path):
 def test_bad_configs_fail_at_start(tmp_path):
     def run(*flags):
         return subprocess.run(
-            [sys.executable, "train.py", f"--workdir={tmp_path / 'w'}", *flags], cwd=REPO, capture_output=True, text=True
+            [sys.executable, "train.py", f"--workdir={tmp_path / 'w'}", *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
 
     r = run("--config.optim.base_lr=-0.1")

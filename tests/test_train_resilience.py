@@ -111,7 +111,7 @@ def test_kill_9_at_random_moments_then_the_same_command_resumes_exactly(tmp_path
         if moment == "save":
             _wait_for(lambda: bool(_orbax_tmp_dirs(work)), proc, poll=0.001)  # a save is being written
         else:
-            _wait_for(lambda: _rows_logged(work) >= start_rows + 2, proc)
+            _wait_for(lambda start=start_rows: _rows_logged(work) >= start + 2, proc)
             time.sleep(rng.uniform(0.0, 0.4))  # some moment within the next steps
         if proc.poll() is not None:
             break  # it finished before the planned moment
@@ -124,7 +124,10 @@ def test_kill_9_at_random_moments_then_the_same_command_resumes_exactly(tmp_path
     _run(command)  # the same command, once more: it resumes and finishes
     assert not _orbax_tmp_dirs(work)
     _assert_same_run(work, reference, exact=True)
-    assert json.loads((work / "eval_final.json").read_text())["AP"] == json.loads((reference / "eval_final.json").read_text())["AP"]
+    assert (
+        json.loads((work / "eval_final.json").read_text())["AP"]
+        == json.loads((reference / "eval_final.json").read_text())["AP"]
+    )
 
 
 def _detections_by_image(path) -> dict[int, list[dict]]:
@@ -151,10 +154,19 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
         port = _free_port()
         procs = [
             subprocess.Popen(
-                TRAIN + _flags(num_steps, checkpoint_every=2, visualize=2) + [
-                    f"--workdir={work}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"
+                TRAIN
+                + _flags(num_steps, checkpoint_every=2, visualize=2)
+                + [
+                    f"--workdir={work}",
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
                 ],
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )  # fmt: skip
             for i in range(2)
         ]
@@ -215,7 +227,9 @@ def _forbid_device_reads_under_the_guard(monkeypatch):
     def forbid(original):
         def wrapper(self, *args, **kwargs):
             if getattr(active, "on", False):
-                raise RuntimeError("Disallowed device-to-host transfer: a device value was read inside the guarded region")
+                raise RuntimeError(
+                    "Disallowed device-to-host transfer: a device value was read inside the guarded region"
+                )
             return original(self, *args, **kwargs)
 
         return wrapper
@@ -227,12 +241,13 @@ def _forbid_device_reads_under_the_guard(monkeypatch):
 
 def test_steps_between_fetches_make_no_host_transfer(tmp_path, monkeypatch):
     import tiny_config
-
     from frcnn_jax.training import loop
 
     _forbid_device_reads_under_the_guard(monkeypatch)
     config = tiny_config.get_config()
-    config.train.update(num_steps=8, log_every=3, checkpoint_every=3, eval_every=0, visualize=0, transfer_guard="disallow")
+    config.train.update(
+        num_steps=8, log_every=3, checkpoint_every=3, eval_every=0, visualize=0, transfer_guard="disallow"
+    )
     assert loop.train_and_evaluate(config, tmp_path / "ok", stop_after_steps=6) == {}
     assert [r["step"] for r in _loss_rows(tmp_path / "ok")] == [3, 6]
 

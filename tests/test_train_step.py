@@ -95,11 +95,15 @@ def test_batch_must_divide_devices():
 
 
 def test_optimizer_masks_and_schedule():
-    params = {"backbone": {"body": {"conv1": {"kernel": jnp.ones((3, 3, 3, 4))}, "layer2": {"b": {"bias": jnp.ones(4)}}}}}
+    params = {
+        "backbone": {"body": {"conv1": {"kernel": jnp.ones((3, 3, 3, 4))}, "layer2": {"b": {"bias": jnp.ones(4)}}}}
+    }
     labels = param_labels(params, ["backbone/body/conv1"])
     assert labels["backbone"]["body"]["conv1"]["kernel"] == "frozen"
     assert labels["backbone"]["body"]["layer2"]["b"]["bias"] == "bias"
-    cfg = OptimConfig(base_lr=0.1, weight_decay=0.5, warmup_steps=10, warmup_factor=0.1, decay_steps=(20, 30), gamma=0.1)
+    cfg = OptimConfig(
+        base_lr=0.1, weight_decay=0.5, warmup_steps=10, warmup_factor=0.1, decay_steps=(20, 30), gamma=0.1
+    )
     lr = learning_rate_schedule(cfg)
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(25), lr(35)], [0.01, 0.055, 0.1, 0.01, 0.001], rtol=1e-6)
     tx = make_optimizer(cfg, params, ["backbone/body/conv1"])
@@ -112,7 +116,11 @@ def test_optimizer_masks_and_schedule():
 
 @pytest.mark.parametrize(
     "field,value,match",
-    [("base_lr", -0.1, "optim.base_lr"), ("schedule", "linear", "optim.schedule"), ("decay_steps", (10, 5), "decay_steps")],
+    [
+        ("base_lr", -0.1, "optim.base_lr"),
+        ("schedule", "linear", "optim.schedule"),
+        ("decay_steps", (10, 5), "decay_steps"),
+    ],
 )
 def test_bad_optim_config(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -49,7 +49,7 @@ def test_sampler_counts_and_membership(num_pos, num_neg):
     perm = np.random.default_rng(0).permutation(n)
     labels[perm[:num_pos]] = 1 + perm[:num_pos] % 3
     labels[perm[num_pos : num_pos + num_neg]] = 0
-    pos, neg = jax.jit(lambda k, l: sample_balanced(k, l, 256, 0.5))(jax.random.key(1), labels)
+    pos, neg = jax.jit(lambda k, lab: sample_balanced(k, lab, 256, 0.5))(jax.random.key(1), labels)
     pos, neg = np.asarray(pos), np.asarray(neg)
     want_pos = min(num_pos, 128)
     assert pos.sum() == want_pos and neg.sum() == min(num_neg, 256 - want_pos)
@@ -90,9 +90,11 @@ def test_rpn_targets_match_torchvision(torch):
     matched = Matcher(0.7, 0.3, allow_low_quality_matches=True)(torch.from_numpy(np.array(ops.box_iou(gt, anchors))))
     ref_labels = np.where(matched >= 0, 1, np.where(matched == -1, 0, -1))
     np.testing.assert_array_equal(np.asarray(t["labels"]), ref_labels)
-    ref_targets = BoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single(
-        torch.from_numpy(gt)[matched.clamp(min=0)], torch.from_numpy(anchors)
-    ).numpy()
+    ref_targets = (
+        BoxCoder((1.0, 1.0, 1.0, 1.0))
+        .encode_single(torch.from_numpy(gt)[matched.clamp(min=0)], torch.from_numpy(anchors))
+        .numpy()
+    )
     pos = ref_labels == 1
     np.testing.assert_allclose(np.asarray(t["targets"])[pos], ref_targets[pos], rtol=1e-5, atol=1e-5)
     assert np.asarray(t["positive"]).sum() == min(pos.sum(), 128)
@@ -119,7 +121,11 @@ def test_box_head_targets_match_torchvision(torch):
     np.testing.assert_array_equal(np.asarray(t["labels"]), ref_labels[idx])
     np.testing.assert_array_equal(np.asarray(t["boxes"]), cand[idx])
     assert (ref_labels[idx] > 0).sum() == min((ref_labels > 0).sum(), 16)
-    ref_t = BoxCoder((10.0, 10.0, 5.0, 5.0)).encode_single(torch.from_numpy(gt[np.maximum(m, 0)]), torch.from_numpy(cand)).numpy()
+    ref_t = (
+        BoxCoder((10.0, 10.0, 5.0, 5.0))
+        .encode_single(torch.from_numpy(gt[np.maximum(m, 0)]), torch.from_numpy(cand))
+        .numpy()
+    )
     fg = ref_labels[idx] > 0
     np.testing.assert_allclose(np.asarray(t["targets"])[fg], ref_t[idx][fg], rtol=1e-5, atol=1e-5)
     assert (np.asarray(t["targets"])[~fg] == 0).all()
@@ -146,7 +152,9 @@ def test_rpn_loss_matches_torchvision(torch):
     deltas = rng.normal(0, 0.5, (b, n, 4)).astype(np.float32)
     labels = rng.choice([-1, 0, 1], size=(b, n), p=[0.3, 0.65, 0.05]).astype(np.int32)
     targets = rng.normal(0, 0.3, (b, n, 4)).astype(np.float32)
-    pos, neg = jax.vmap(lambda k, l: sample_balanced(k, l, 256, 0.5))(jax.random.split(jax.random.key(0), b), labels)
+    pos, neg = jax.vmap(lambda k, lab: sample_balanced(k, lab, 256, 0.5))(
+        jax.random.split(jax.random.key(0), b), labels
+    )
     pos, neg = np.asarray(pos), np.asarray(neg)
     targets = np.where(pos[..., None], targets, 0)
     ours = rpn_loss(jnp.asarray(obj), jnp.asarray(deltas), {"targets": targets, "positive": pos, "negative": neg})
@@ -155,7 +163,7 @@ def test_rpn_loss_matches_torchvision(torch):
     rpn.fg_bg_sampler = lambda _labels: ([torch.from_numpy(p) for p in pos], [torch.from_numpy(q) for q in neg])
     ref = rpn.compute_loss(
         torch.from_numpy(obj.reshape(-1)), torch.from_numpy(deltas.reshape(-1, 4)),
-        [torch.from_numpy(l.astype(np.float32)) for l in np.where(labels == 1, 1, np.where(labels == 0, 0, -1))],
+        [torch.from_numpy(lab.astype(np.float32)) for lab in np.where(labels == 1, 1, np.where(labels == 0, 0, -1))],
         [torch.from_numpy(t) for t in targets],
     )  # fmt: skip
     np.testing.assert_allclose([float(x) for x in ours], [float(x) for x in ref], rtol=1e-5)
@@ -174,16 +182,24 @@ def test_box_head_loss_matches_torchvision(torch, beta):
     labels = rng.integers(0, k, (b, s)).astype(np.int32)
     labels[:, ::3] = 0
     tgt = np.where((labels > 0)[..., None], rng.normal(0, 0.5, (b, s, 4)), 0).astype(np.float32)
-    ours = box_head_loss(jnp.asarray(logits), jnp.asarray(deltas), {"labels": labels, "targets": tgt, "valid": np.ones((b, s), bool)}, beta=beta)
+    ours = box_head_loss(
+        jnp.asarray(logits),
+        jnp.asarray(deltas),
+        {"labels": labels, "targets": tgt, "valid": np.ones((b, s), bool)},
+        beta=beta,
+    )
     tl, td = torch.from_numpy(logits.reshape(-1, k)), torch.from_numpy(deltas.reshape(-1, k * 4))
-    lab = [torch.from_numpy(l.astype(np.int64)) for l in labels]
+    lab = [torch.from_numpy(x.astype(np.int64)) for x in labels]
     tt = [torch.from_numpy(t) for t in tgt]
     if beta == 1.0 / 9:  # torchvision's own function uses beta 1/9
         ref = fastrcnn_loss(tl, td, lab, tt)
     else:  # maskrcnn-benchmark: the same with beta 1
         flat = torch.cat(lab)
         p = torch.where(flat > 0)[0]
-        box = F.smooth_l1_loss(td.reshape(-1, k, 4)[p, flat[p]], torch.cat(tt)[p], beta=1.0, reduction="sum") / flat.numel()
+        box = (
+            F.smooth_l1_loss(td.reshape(-1, k, 4)[p, flat[p]], torch.cat(tt)[p], beta=1.0, reduction="sum")
+            / flat.numel()
+        )
         ref = (F.cross_entropy(tl, flat), box)
     np.testing.assert_allclose([float(x) for x in ours], [float(x) for x in ref], rtol=1e-5)
 
@@ -192,8 +208,15 @@ def test_losses_have_finite_gradients_on_padding():
     """Masked entries (padding, unsampled) contribute neither value nor NaN gradient."""
     obj = jnp.zeros((1, 10))
     deltas = jnp.zeros((1, 10, 4))
-    t = {"targets": jnp.full((1, 10, 4), jnp.nan).at[0, 0].set(0.1), "positive": jnp.arange(10)[None] == 0, "negative": jnp.arange(10)[None] == 1}
-    g = jax.grad(lambda o, d: sum(rpn_loss(o, d, {**t, "targets": jnp.where(t["positive"][..., None], t["targets"], 0.0)})), argnums=(0, 1))(obj, deltas)
+    t = {
+        "targets": jnp.full((1, 10, 4), jnp.nan).at[0, 0].set(0.1),
+        "positive": jnp.arange(10)[None] == 0,
+        "negative": jnp.arange(10)[None] == 1,
+    }
+    g = jax.grad(
+        lambda o, d: sum(rpn_loss(o, d, {**t, "targets": jnp.where(t["positive"][..., None], t["targets"], 0.0)})),
+        argnums=(0, 1),
+    )(obj, deltas)
     assert all(np.isfinite(np.asarray(x)).all() for x in g)
 
 

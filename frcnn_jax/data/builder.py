@@ -48,7 +48,9 @@ def validate_data_config(data) -> None:
         for split in SPLITS:
             for key in (f"{split}_annotations", f"{split}_images"):
                 if not data.coco_json[key]:
-                    raise ValueError(f"data.coco_json.{key} is empty: set it to the COCO JSON / image folder of the {split} split")
+                    raise ValueError(
+                        f"data.coco_json.{key} is empty: set it to the COCO JSON / image folder of the {split} split"
+                    )
 
 
 def resolve_num_workers(value, *, backend: str, cpu_count: int) -> int:

@@ -7,7 +7,7 @@ category_id, bbox [x, y, w, h], area, iscrowd) and `categories` (id, name).
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,7 +43,9 @@ def coco_gt_from_targets(
         labels = np.asarray(entry["labels"]).reshape(-1)
         crowd = np.asarray(entry["is_crowd"], bool).reshape(-1)
         wh = boxes[:, 2:] - boxes[:, :2]
-        area = np.asarray(entry["area"], np.float64).reshape(-1) if entry.get("area") is not None else wh[:, 0] * wh[:, 1]
+        area = (
+            np.asarray(entry["area"], np.float64).reshape(-1) if entry.get("area") is not None else wh[:, 0] * wh[:, 1]
+        )
         for k in range(boxes.shape[0]):
             annotations.append(
                 {

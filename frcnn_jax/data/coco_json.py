@@ -136,13 +136,23 @@ class CocoJsonSource:
             ann_id, image_id, bbox, why = dropped[0]
             logger.warning(
                 "%s: dropped %d boxes with w <= 0 or h <= 0 or outside their image (first: annotation id %s, "
-                "image id %s, bbox %s, %s)", path, len(dropped), ann_id, image_id, bbox, why,
+                "image id %s, bbox %s, %s)",
+                path,
+                len(dropped),
+                ann_id,
+                image_id,
+                bbox,
+                why,
             )
         if clipped:
             ann_id, image_id, bbox = clipped[0]
             logger.warning(
                 "%s: clipped %d boxes partly outside their image (first: annotation id %s, image id %s, bbox %s)",
-                path, len(clipped), ann_id, image_id, bbox,
+                path,
+                len(clipped),
+                ann_id,
+                image_id,
+                bbox,
             )
 
     def __len__(self) -> int:

@@ -72,7 +72,8 @@ from __future__ import annotations
 
 import gc
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -385,7 +386,7 @@ class BatchIterator(grain.DatasetIterator):
     def close(self) -> None:
         self._release()
 
-    def __enter__(self) -> "BatchIterator":
+    def __enter__(self) -> BatchIterator:
         return self
 
     def __exit__(self, *exc) -> None:

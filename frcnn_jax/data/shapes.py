@@ -21,7 +21,7 @@ share images and any record can be regenerated anywhere (worker processes, other
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -72,6 +72,7 @@ def _shape_mask(kind: str, u, v, flip: bool):
 
 def _background(rng: np.random.Generator, height: int, width: int):
     """float32 [H, W, 3] textured background in muted colours (0..255)."""
+
     def muted():
         return rng.uniform(60, 200) + rng.uniform(-25, 25, size=3)
 

@@ -74,7 +74,8 @@ def find_prepared_version(name: str, data_dir: str) -> str:
     versions = []
     if os.path.isdir(root):
         versions = [
-            v for v in os.listdir(root)
+            v
+            for v in os.listdir(root)
             if not v.startswith("incomplete") and os.path.isfile(os.path.join(root, v, "dataset_info.json"))
         ]
     if not versions:
@@ -191,7 +192,9 @@ class TfdsSource:
 
         if self._raw is None:
             self._raw = tfds.data_source(
-                f"{self.name}:{self.version}", split=self.split, data_dir=self.data_dir,
+                f"{self.name}:{self.version}",
+                split=self.split,
+                data_dir=self.data_dir,
                 decoders={"image": tfds.decode.SkipDecoding()},
             )
 

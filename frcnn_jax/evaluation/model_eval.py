@@ -71,8 +71,16 @@ def predict_dataset(
 
 
 def evaluate_model(
-    model: FasterRCNN, variables, source, config, *, label_to_category_id=None, max_images=None, progress: bool = True,
-    voc: bool = False, forward=None,
+    model: FasterRCNN,
+    variables,
+    source,
+    config,
+    *,
+    label_to_category_id=None,
+    max_images=None,
+    progress: bool = True,
+    voc: bool = False,
+    forward=None,
 ):
     """COCO box AP of the model on `source` -> `CocoEvalResult` (and VOC AP when voc=True).
 
@@ -109,7 +117,11 @@ def evaluate_model(
     gt = source.coco_gt()
     if max_images:
         keep = set(seen)
-        gt = dict(gt, images=[im for im in gt["images"] if im["id"] in keep], annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
+        gt = dict(
+            gt,
+            images=[im for im in gt["images"] if im["id"] in keep],
+            annotations=[a for a in gt["annotations"] if a["image_id"] in keep],
+        )
     coco = evaluate_coco(gt, results)
     if not voc:
         return coco
@@ -147,13 +159,13 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
         )
     gathered = multihost_utils.process_allgather(local)  # [processes, batches, ...]
     return [
-        {k: v[p, b] for k, v in gathered.items()}
-        for p in range(int(jax.process_count()))
-        for b in range(len(rows))
+        {k: v[p, b] for k, v in gathered.items()} for p in range(int(jax.process_count())) for b in range(len(rows))
     ]
 
 
-def predictions_png(model_cfg, variables, source, config, path, class_names, *, count: int | None = None, score_threshold: float = 0.5):
+def predictions_png(
+    model_cfg, variables, source, config, path, class_names, *, count: int | None = None, score_threshold: float = 0.5
+):
     """A grid PNG of the first `count` images of `source` with their detections ("name: score")."""
     from PIL import Image
 

@@ -27,7 +27,7 @@ Conventions (state them when quoting numbers):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

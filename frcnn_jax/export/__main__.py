@@ -35,10 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m frcnn_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="model checkpoint directory or training work directory")
     p.add_argument("--out", required=True, help="artifact file to write (its sidecar is FILE.json)")
-    p.add_argument("--canvas", action="append", default=None, metavar="HxW", help="canvas size, multiples of 32; repeatable")
+    p.add_argument(
+        "--canvas", action="append", default=None, metavar="HxW", help="canvas size, multiples of 32; repeatable"
+    )
     p.add_argument("--batch", type=int, required=True, metavar="N", help="images per call")
     p.add_argument(
-        "--platforms", default="cpu,cuda,tpu", help=f"comma-separated, from {','.join(PLATFORMS)} (default: cpu,cuda,tpu)"
+        "--platforms",
+        default="cpu,cuda,tpu",
+        help=f"comma-separated, from {','.join(PLATFORMS)} (default: cpu,cuda,tpu)",
     )
     p.add_argument("--dtype", default=None, help="compute dtype float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension (any B per call)")

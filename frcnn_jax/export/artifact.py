@@ -17,7 +17,8 @@ import hashlib
 import json
 import pathlib
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ OUTPUT_NAMES = ("boxes", "labels", "scores", "valid")  # the output dict's keys,
 
 
 def parse_canvas(text: str) -> tuple[int, int]:
-    """"800x1344" -> (800, 1344); ValueError unless H x W positive multiples of 32."""
+    """ "800x1344" -> (800, 1344); ValueError unless H x W positive multiples of 32."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
     if not m:
         raise ValueError(f"--canvas {text!r}: expected HxW, e.g. 800x1344")
@@ -47,7 +48,7 @@ def parse_canvas(text: str) -> tuple[int, int]:
 
 
 def parse_platforms(text: str) -> tuple[str, ...]:
-    """"cpu,cuda,tpu" -> ("cpu", "cuda", "tpu"); ValueError naming an unknown platform."""
+    """ "cpu,cuda,tpu" -> ("cpu", "cuda", "tpu"); ValueError naming an unknown platform."""
     names = tuple(p.strip().lower() for p in str(text).split(",") if p.strip())
     if not names:
         raise ValueError("--platforms names no platform; choose from " + ",".join(PLATFORMS))

@@ -85,4 +85,3 @@ class FastRCNNPredictor(nn.Module):
         logits = cls(x).astype(jnp.float32)
         deltas = box(x).astype(jnp.float32).reshape(x.shape[0], self.num_classes, 4)
         return logits, deltas
-

@@ -74,7 +74,11 @@ def _taps(x, kh: int, kw: int, stride: int, padding: int):
     out_w = (x.shape[2] - kw) // stride + 1
     for dy in range(kh):
         for dx in range(kw):
-            yield dy, dx, x[:, dy : dy + stride * (out_h - 1) + 1 : stride, dx : dx + stride * (out_w - 1) + 1 : stride, :]
+            yield (
+                dy,
+                dx,
+                x[:, dy : dy + stride * (out_h - 1) + 1 : stride, dx : dx + stride * (out_w - 1) + 1 : stride, :],
+            )
 
 
 def _dot_conv(x, kernel, stride: int, padding: int):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,12 @@ def upsample_nearest(x, out_hw: tuple[int, int]):
     xs = np.minimum(np.floor(np.arange(out_hw[1], dtype=np.float32) * np.float32(w / out_hw[1])), w - 1)
     ys, xs = ys.astype(np.int32), xs.astype(np.int32)
     ry, rx = out_hw[0] // h, out_hw[1] // w
-    if ry >= 1 and rx >= 1 and np.array_equal(ys, np.arange(out_hw[0]) // ry) and np.array_equal(xs, np.arange(out_hw[1]) // rx):
+    if (
+        ry >= 1
+        and rx >= 1
+        and np.array_equal(ys, np.arange(out_hw[0]) // ry)
+        and np.array_equal(xs, np.arange(out_hw[1]) // rx)
+    ):
         # Integer factors (every FPN level on a canvas that is a multiple of 32): a
         # broadcast, whose gradient is a sum rather than a scatter-add of the gather.
         n, _, _, c = x.shape
@@ -53,8 +58,12 @@ class FPN(nn.Module):
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array]):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming_uniform_(a=1)
-        inner = [Conv(self.channels, 1, dtype=self.dtype, kernel_init=init, name=f"inner_blocks_{i}") for i in range(len(xs))]
-        layer = [Conv(self.channels, 3, dtype=self.dtype, kernel_init=init, name=f"layer_blocks_{i}") for i in range(len(xs))]
+        inner = [
+            Conv(self.channels, 1, dtype=self.dtype, kernel_init=init, name=f"inner_blocks_{i}") for i in range(len(xs))
+        ]
+        layer = [
+            Conv(self.channels, 3, dtype=self.dtype, kernel_init=init, name=f"layer_blocks_{i}") for i in range(len(xs))
+        ]
         call = functools.partial(maybe_remat_call, remat=self.remat)
         last = call(inner[-1], xs[-1])
         results = [call(layer[-1], last)]

@@ -43,11 +43,7 @@ def postprocess_detections(
     boxes = boxes.reshape(-1, 4)
     scores = scores.reshape(-1)
     labels = labels.reshape(-1)
-    valid = (
-        jnp.repeat(proposal_valid, num_classes - 1)
-        & (scores > score_thresh)
-        & ~ops.small_box_mask(boxes, min_size)
-    )
+    valid = jnp.repeat(proposal_valid, num_classes - 1) & (scores > score_thresh) & ~ops.small_box_mask(boxes, min_size)
     keep = ops.batched_nms(boxes, scores, labels, nms_thresh, detections_per_img, valid=valid)
     ok = keep >= 0
     safe = jnp.maximum(keep, 0)

@@ -34,8 +34,7 @@ def check_float(name: str, x):
 def check_same_leading(names: tuple[str, str], a, b):
     if np.shape(a)[0] != np.shape(b)[0]:
         raise ValueError(
-            f"{names[0]} and {names[1]} must have the same number of rows, "
-            f"got {np.shape(a)} and {np.shape(b)}"
+            f"{names[0]} and {names[1]} must have the same number of rows, got {np.shape(a)} and {np.shape(b)}"
         )
 
 

@@ -6,7 +6,7 @@ time and enter the compiled program as a constant.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np

@@ -11,7 +11,7 @@ All functions are pure, shape-static and work under `jax.jit` and `jax.vmap`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 

@@ -203,9 +203,7 @@ def nms(boxes, scores, iou_threshold: float, max_output: int, valid=None):
     return _greedy_nms(boxes, scores, None, valid, _threshold(iou_threshold, boxes.dtype), int(max_output))
 
 
-def batched_nms(
-    boxes, scores, class_ids, iou_threshold: float, max_output: int, valid=None
-):
+def batched_nms(boxes, scores, class_ids, iou_threshold: float, max_output: int, valid=None):
     """Per-class greedy NMS: same result as `torchvision.ops.batched_nms`.
 
     Boxes only suppress boxes of the same class; the kept indices of all classes come

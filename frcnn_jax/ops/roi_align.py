@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -194,7 +195,9 @@ def _roi_plan(static: _Static, boxes, levels):
     boxes = boxes.astype(static.dtype)
     geo = []
     group = jnp.zeros(boxes.shape[0], jnp.int32)
-    buckets_per_level = [_buckets(lv, static.channels, static.sampling_ratio, static.output_size) for lv in static.levels]
+    buckets_per_level = [
+        _buckets(lv, static.channels, static.sampling_ratio, static.output_size) for lv in static.levels
+    ]
     offset = 0
     for li, lv in enumerate(static.levels):
         scale = jnp.asarray(lv.scale, static.dtype)
@@ -411,9 +414,7 @@ def multilevel_roi_align(
         _checks.check_rank(f"features[{i}]", f, 4)
         _checks.check_float(f"features[{i}]", f)
         if f.shape[0] != features[0].shape[0] or f.shape[-1] != features[0].shape[-1]:
-            raise ValueError(
-                f"features must share batch and channel sizes, got {[tuple(x.shape) for x in features]}"
-            )
+            raise ValueError(f"features must share batch and channel sizes, got {[tuple(x.shape) for x in features]}")
         if f.shape[1] < 1 or f.shape[2] < 1:
             raise ValueError(f"features[{i}] has an empty spatial extent: {f.shape}")
     for s in spatial_scales:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def random_boxes(rng: np.random.Generator, n: int, height: float = 800, width: float = 1066, *, min_size=2.0, max_size=600.0):
+def random_boxes(
+    rng: np.random.Generator, n: int, height: float = 800, width: float = 1066, *, min_size=2.0, max_size=600.0
+):
     """[n, 4] float32 proposal-like boxes: log-uniform sizes, centres anywhere in the image."""
     wh = np.exp(rng.uniform(np.log(min_size), np.log(max_size), (n, 2)))
     c = rng.uniform([0, 0], [width, height], (n, 2))

@@ -74,7 +74,7 @@ def build_c4(num_classes=81, anchor_sizes=(32, 64, 128, 256, 512), eps=1e-5, **k
         num_classes=None,
         rpn_anchor_generator=anchor_gen,
         # One level '0': MultiScaleRoIAlign infers the scale 1/16 from the feature size.
-        box_roi_pool=MultiScaleRoIAlign(['0'], output_size=14, sampling_ratio=0),
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
         box_head=C4BoxHead(resnet.layer4),
         box_predictor=FastRCNNPredictor(2048, num_classes),
         **defaults,
@@ -100,7 +100,9 @@ def calibrate(model, images: torch.Tensor, seed: int = 0):
         module.weight.copy_(rand(c, 0.6, 1.4))
         module.bias.copy_(0.2 * torch.randn(c, generator=gen))
 
-    handles = [m.register_forward_pre_hook(pre_hook) for m in model.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    handles = [
+        m.register_forward_pre_hook(pre_hook) for m in model.backbone.modules() if isinstance(m, FrozenBatchNorm2d)
+    ]
     feats = model.backbone(images)
     for h in handles:
         h.remove()
@@ -132,7 +134,7 @@ def calibrate(model, images: torch.Tensor, seed: int = 0):
     return model
 
 
-def rpn_head_outputs(model, features: "collections.OrderedDict"):
+def rpn_head_outputs(model, features: collections.OrderedDict):
     """torchvision RPN head outputs in our layout: objectness [N, H*W*A], deltas [N, H*W*A, 4] per level."""
     obj, deltas = model.rpn.head(list(features.values()))
     out_o, out_d = [], []

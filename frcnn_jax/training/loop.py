@@ -51,9 +51,9 @@ from frcnn_jax import model_checkpoint, run_checkpoint
 from frcnn_jax.data import builder as data_lib
 from frcnn_jax.evaluation.model_eval import evaluate_model, make_forward, predictions_png
 from frcnn_jax.evaluation.report import write_detections_json
-from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling import config as model_config
 from frcnn_jax.modeling import param_paths
+from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 from frcnn_jax.training import host_memory, sharding
 from frcnn_jax.training import monitor as monitor_lib
@@ -93,7 +93,9 @@ def _stop_requests(enabled: bool):
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
-    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         yield lambda: received[0] if received else None
     finally:
@@ -156,7 +158,9 @@ def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool
     if path:  # check the backbone checkpoint before spending time on the model
         meta = model_checkpoint.read_model_json(path).get("metadata", {})
         if meta.get("kind") != "resnet_backbone":
-            raise ValueError(f"train.init_backbone={path!r}: not a ResNet backbone checkpoint (kind {meta.get('kind')!r})")
+            raise ValueError(
+                f"train.init_backbone={path!r}: not a ResNet backbone checkpoint (kind {meta.get('kind')!r})"
+            )
         backbone = model.cfg.backbone
         if meta.get("depth") != backbone.depth or backbone.width != 64:
             raise ValueError(
@@ -171,11 +175,12 @@ def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool
     return param_paths.with_imagenet_backbone(variables, backbone, model.cfg)
 
 
-
 def _barrier(name: str, timeout_s: int = 1800):
     """Multi-process: waits until every process is here (through the coordination service, no collective)."""
     if jax.process_count() > 1:
-        ocp.multihost.sync_global_processes(f"frcnn_jax:{name}", timeout=timeout_s, processes=set(range(jax.process_count())))
+        ocp.multihost.sync_global_processes(
+            f"frcnn_jax:{name}", timeout=timeout_s, processes=set(range(jax.process_count()))
+        )
 
 
 def _run_meta(train_source, config) -> dict:
@@ -193,7 +198,9 @@ def _abstract(tree, sharding_):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_), tree)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after_steps: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir, *, stop_after_steps: int | None = None
+) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates.
 
     Args:
@@ -345,7 +352,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, stop_after
             if t.visualize:  # process 0 alone: on its host copy of the (replicated) parameters
                 variables = {"params": state.params, "frozen": state.frozen}
                 variables = jax.device_get(variables) if multi_process else variables
-                predictions_png(model_cfg, variables, val_source, config, workdir / "detections.png", meta["class_names"])
+                predictions_png(
+                    model_cfg, variables, val_source, config, workdir / "detections.png", meta["class_names"]
+                )
         return final
     finally:
         if progress is not None:

@@ -22,7 +22,7 @@ an uninterrupted one would, whatever `checkpoint_every` and `log_every` are.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

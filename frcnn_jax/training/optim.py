@@ -9,7 +9,8 @@ Frozen parameters (stem and early stages, `model.backbone.freeze_at`) get no upd
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ class OptimConfig:
     clip_grad_norm: float = 0.0  # 0 disables clipping
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "OptimConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> OptimConfig:
         """From a plain mapping (e.g. `config.optim.to_dict()`); unknown keys raise ValueError."""
         return dataclass_from_mapping(cls, values, "optim")
 

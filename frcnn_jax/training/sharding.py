@@ -22,14 +22,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None):
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+):
     """Multi-host setup: `jax.distributed.initialize` (arguments or JAX's environment auto-detection).
 
     Must run before any other JAX call. On a single host without arguments it does nothing.
     """
     if coordinator_address is None and num_processes is None and "JAX_COORDINATOR_ADDRESS" not in os.environ:
         return
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
 
 
 def data_mesh(devices=None) -> Mesh:
