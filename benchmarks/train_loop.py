@@ -63,7 +63,7 @@ def bare_images_per_sec(config, steps: int) -> float:
     from frcnn_jax.data import builder
     from frcnn_jax.modeling.config import ModelConfig
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
-    from frcnn_jax.training import sharding
+    from frcnn_jax.training import host_memory, sharding
     from frcnn_jax.training.loop import optim_config
     from frcnn_jax.training.optim import learning_rate_schedule
     from frcnn_jax.training.train_step import create_train_state, make_train_step
@@ -73,7 +73,10 @@ def bare_images_per_sec(config, steps: int) -> float:
     state, tx = create_train_state(model, init_variables(model, jax.random.key(0)), optim_cfg, 0)
     mesh = sharding.data_mesh()
     state = jax.device_put(state, sharding.replicated(mesh))
-    step = sharding.shard_train_step(make_train_step(model, tx, learning_rate_schedule(optim_cfg)), mesh, state)
+    options = host_memory.step_compiler_options(str(config.train.xla_cpu_scheduler))  # as the loop compiles it
+    step = sharding.shard_train_step(
+        make_train_step(model, tx, learning_rate_schedule(optim_cfg)), mesh, state, compiler_options=options
+    )
     it = builder.train_iterator(builder.build_source(config.data, "train"), config.data, seed=0)
     batch = next(it)
     while tuple(batch["image"].shape[1:3]) != tuple(config.data.canvases[0]):

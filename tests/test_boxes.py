@@ -165,7 +165,7 @@ def test_box_ops_reject_bad_arguments(call, match):
         call()
 
 
-@pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 needs jax_enable_x64 (FRCNN_TEST_X64=1)")
+@pytest.mark.x64  # float64: only with FRCNN_TEST_X64=1 (tests/test_ops_x64.py)
 def test_float64_inputs_match_torchvision(torch, torchvision):
     """float64 boxes are computed and returned in float64 (torchvision's double results)."""
     from torchvision.models.detection._utils import BoxCoder

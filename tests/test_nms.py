@@ -158,7 +158,7 @@ def test_nms_rejects_bad_arguments(call, match):
         call()
 
 
-@pytest.mark.skipif(not jax.config.read("jax_enable_x64"), reason="float64 needs jax_enable_x64 (FRCNN_TEST_X64=1)")
+@pytest.mark.x64  # float64: only with FRCNN_TEST_X64=1 (tests/test_ops_x64.py)
 @pytest.mark.parametrize("n,thr", [(300, 0.5), (2500, 0.7)])
 def test_nms_float64_matches_torchvision(torch, torchvision, n, thr):
     """float64 boxes keep float64 IoUs, as torchvision's double kernel; indices stay int32."""

@@ -86,7 +86,7 @@ def shard_carry_step(step, mesh: Mesh, *carry_examples, compiler_options: dict |
     )
 
 
-def shard_train_step(train_step, mesh: Mesh, state_example):
+def shard_train_step(train_step, mesh: Mesh, state_example, compiler_options: dict | None = None):
     """jit `train_step(state, batch) -> (state, metrics)` with replicated state and sharded batch."""
     rep = replicated(mesh)
     state_sharding = jax.tree.map(lambda _: rep, state_example)
@@ -95,4 +95,5 @@ def shard_train_step(train_step, mesh: Mesh, state_example):
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, rep),
         donate_argnums=(0,),
+        compiler_options=compiler_options,
     )
