@@ -46,7 +46,7 @@ def test_message_uses_the_selected_config_file():
     ],
 )
 def test_cli_typo_is_one_line_with_the_nearest_field(cmd):
-    r = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert lines == ["error: --config.data.hflipp: no such field; did you mean data.hflip?"], r.stderr

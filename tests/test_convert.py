@@ -144,7 +144,7 @@ def test_legacy_pickle_is_refused_in_one_line(torch, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "frcnn_jax.convert", "--arch=resnet50", f"--checkpoint={tmp_path / 'legacy.pth'}",
          f"--out={tmp_path / 'out'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [

@@ -433,7 +433,7 @@ def test_worker_iterators_exit_cleanly_and_unparsed_flags_are_refused(tmp_path):
     repo = str(pathlib.Path(__file__).resolve().parents[1])
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-W", "default", str(script)], capture_output=True, text=True, env=env,
-                         timeout=300)  # fmt: skip
+                         timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     assert "refused: num_workers=2: grain's worker processes read absl flags" in out.stdout
     assert "batch (2, 128, 128, 3)" in out.stdout

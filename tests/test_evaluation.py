@@ -441,7 +441,7 @@ def test_evaluate_voc_matches_brute_force_on_random_data(seed):
 
 def _run_eval(*args):
     cmd = [sys.executable, "eval.py", *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_eval_py_on_fixture(coco_fixture, tmp_path):

@@ -57,7 +57,7 @@ def _assert_same_run(workdir, reference, *, exact=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def _run(args, timeout=600, **kw):
+def _run(args, timeout=1200, **kw):
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -68,7 +68,7 @@ def _orbax_tmp_dirs(workdir):
     return [p.name for p in ckpts.iterdir() if ".orbax-checkpoint-tmp" in p.name] if ckpts.is_dir() else []
 
 
-def _wait_for(condition, proc, timeout=300, poll=0.01):
+def _wait_for(condition, proc, timeout=900, poll=0.01):
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline and not condition():
         time.sleep(poll)
@@ -92,7 +92,7 @@ def test_kill_9_at_random_moments_then_the_same_command_resumes_exactly(tmp_path
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _rows_logged(work) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     last_row = _loss_rows(work)[-1]["step"]
     assert f"stopped by SIGTERM after step {last_row}" in err
@@ -170,7 +170,7 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
             )  # fmt: skip
             for i in range(2)
         ]
-        outs = [p.communicate(timeout=600) for p in procs]
+        outs = [p.communicate(timeout=1200) for p in procs]
         for p, (_, err) in zip(procs, outs):
             assert p.returncode == 0, err[-3000:]
 
@@ -288,7 +288,7 @@ def test_an_error_after_the_bar_started_prints_on_its_own_line(tmp_path):
             for split in ("train", "val") for kind in ("annotations", "images")]  # fmt: skip
     r = subprocess.run(
         TRAIN + _flags(20) + ["--config.data.source=coco_json", *data, f"--workdir={tmp_path / 'w'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert r.returncode == 1
     assert "train:" in r.stderr  # the bar had started
