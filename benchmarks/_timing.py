@@ -28,14 +28,49 @@ def compile_seconds(jitted, *args) -> float:
     return time.perf_counter() - t0
 
 
-def machine_line() -> str:
+def cpu_line() -> str:
+    """The CPU model, whether it has AVX-512 (ratios against torch move with it) and the core count."""
     import os
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the model name from platform only
+        pass
+    avx = "AVX-512" if "avx512f" in flags else ("no AVX-512" if flags else "AVX-512 unknown")
+    if "amx_tile" in flags:
+        avx += " + AMX"
+    return f"{model} ({avx}), {os.cpu_count()} cores"
+
+
+def machine_line() -> str:
+    """CPU (AVX-512 or not), date, Python / jax / numpy versions and the JAX device: beside every figure."""
+    import datetime
+    import sys
+
+    import numpy as np
 
     devs = jax.devices()
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} on {devs[0].platform} ({devs[0].device_kind})"
+        f"{cpu_line()}, {datetime.date.today().isoformat()}, Python {sys.version.split()[0]}, "
+        f"jax {jax.__version__}, numpy {np.__version__}, on {devs[0].platform} ({devs[0].device_kind})"
     )
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of the markdown tables `print_table` printed into `text` (the smoke tests read them)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|-"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]):

@@ -1,6 +1,7 @@
 """Input-pipeline throughput and evaluation time per image.
 
     python benchmarks/input_pipeline.py [--batches 20] [--shared ../shared]
+    python benchmarks/input_pipeline.py --smoke    # 2 batches, in-process loading, 8 eval images (the suite runs it)
 
 Rows:
   - train pipeline images/s on coco128 (real JPEGs, resize to 800/1333, flip, normalise,
@@ -45,7 +46,11 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--shared", default=os.path.join(HERE, "..", "..", "shared"))
     p.add_argument("--eval-images", type=int, default=96)
+    p.add_argument("--smoke", action="store_true", help="2 batches, 0 workers, 2 steps, 8 eval images")
     args = p.parse_args(argv)
+    workers_list, steps = ((0,), 2) if args.smoke else ((0, 2), 20)
+    if args.smoke:
+        args.batches, args.eval_images = 2, 8
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (defaults here)
@@ -64,7 +69,7 @@ def main(argv=None):
     coco = os.path.join(args.shared, "data", "coco128")
     if os.path.isdir(coco):
         src = CocoJsonSource(os.path.join(coco, "annotations.json"), os.path.join(coco, "images"))
-        for workers in (0, 2):
+        for workers in workers_list:
             rate = pipeline_rate(
                 src, args.batches, batch_size=2, canvases=[(800, 1344), (1344, 800)], min_size=800, max_size=1333,
                 max_gt=100, train=True, seed=0, num_workers=workers,
@@ -82,7 +87,7 @@ def main(argv=None):
 
     config = default_config.get_config()
     shapes = ShapesDataset("train", num_images=10_000)
-    for workers in (0, 2):
+    for workers in workers_list:
         rate = pipeline_rate(
             shapes, args.batches * 4, batch_size=8, canvases=[(128, 128)], min_size=128, max_size=128, max_gt=8,
             train=True, seed=0, num_workers=workers,
@@ -103,10 +108,10 @@ def main(argv=None):
     state, m = step(state, batch)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
-    for _ in range(20):
+    for _ in range(steps):
         state, m = step(state, batch)
     jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / 20
+    dt = (time.perf_counter() - t0) / steps
     it.close()
     rows.append(
         ["default config train step (model only), batch 8", "-", f"{8 / dt:.0f} img/s", f"{dt * 1e3:.0f} ms/step"]

@@ -1,6 +1,7 @@
 """Benchmark the core ops: JAX (jitted, compile excluded) vs torchvision on the same machine.
 
     python benchmarks/ops.py [--repeats 5] [--torch-repeats 3] [--only nms,roi_align,coder]
+    python benchmarks/ops.py --smoke    # tiny sizes, one repeat (the test suite runs it)
 
 Prints a markdown table: median seconds per call and the ratio JAX / torchvision
 (< 1 means JAX is faster). Inputs are proposal-like: NMS boxes cluster around
@@ -34,8 +35,13 @@ def proposal_rois(rng, n, height=800, width=1066):
     return b.astype(np.float32)
 
 
+# Input sizes: NMS box counts, ROIAlign feature map [H, W, C] and ROI counts, box-coder count.
+FULL = {"nms": (1000, 6000, 12000), "feature": (50, 67, 1024), "rois": (512, 1000), "coder": 100_000}
+SMOKE = {"nms": (200,), "feature": (13, 17, 64), "rois": (32,), "coder": 1000}
+
+
 def bench_nms(rng, args, torch, tv, rows):
-    for n in [1000, 6000, 12000]:
+    for n in args.sizes["nms"]:
         boxes = clustered_boxes(rng, n)
         scores = rng.permutation(n).astype(np.float32) / n
         f = jax.jit(lambda b, s, n=n: ops.nms(b, s, 0.7, n))
@@ -48,12 +54,14 @@ def bench_nms(rng, args, torch, tv, rows):
 
 
 def bench_roi_align(rng, args, torch, tv, rows):
-    feat = rng.standard_normal((50, 67, 1024)).astype(np.float32)
+    fh, fw, fc = args.sizes["feature"]
+    feat = rng.standard_normal((fh, fw, fc)).astype(np.float32)
     feat_t = torch.from_numpy(np.ascontiguousarray(feat.transpose(2, 0, 1)))[None]
-    for r in [512, 1000]:
-        boxes = proposal_rois(rng, r)
+    shape = f"[{fh},{fw},{fc}]"
+    for r in args.sizes["rois"]:
+        boxes = proposal_rois(rng, r, height=fh * 16, width=fw * 16)
         rois_t = torch.cat([torch.zeros(r, 1), torch.from_numpy(boxes)], 1)
-        cot = rng.standard_normal((r, 14, 14, 1024)).astype(np.float32)
+        cot = rng.standard_normal((r, 14, 14, fc)).astype(np.float32)
         cot_t = torch.from_numpy(np.ascontiguousarray(cot.transpose(0, 3, 1, 2)))
         for sr in [0, 2]:
             fwd = jax.jit(lambda f, b, sr=sr: ops.roi_align(f, b, 14, 1 / 16, sr, False))
@@ -69,7 +77,7 @@ def bench_roi_align(rng, args, torch, tv, rows):
                 lambda rois_t=rois_t, sr=sr: tv.ops.roi_align(feat_t, rois_t, 14, 1 / 16, sr, False),
                 repeats=args.torch_repeats,
             )
-            rows.append([f"roi_align fwd sr={sr}", f"{r} rois 14x14, [50,67,1024]", t_jax, t_tv, c])
+            rows.append([f"roi_align fwd sr={sr}", f"{r} rois 14x14, {shape}", t_jax, t_tv, c])
 
             c = compile_seconds(fb, feat, boxes, cot)
             t_jax = median_seconds(fb, feat, boxes, cot, repeats=args.repeats)
@@ -81,13 +89,13 @@ def bench_roi_align(rng, args, torch, tv, rows):
                 out.backward(cot_t)
 
             t_tv = median_seconds(tv_fb, repeats=args.torch_repeats)
-            rows.append([f"roi_align fwd+bwd sr={sr}", f"{r} rois 14x14, [50,67,1024]", t_jax, t_tv, c])
+            rows.append([f"roi_align fwd+bwd sr={sr}", f"{r} rois 14x14, {shape}", t_jax, t_tv, c])
 
 
 def bench_coder(rng, args, torch, tv, rows):
     from torchvision.models.detection._utils import BoxCoder
 
-    n = 100_000
+    n = args.sizes["coder"]
     anchors = proposal_rois(rng, n)
     anchors[:, 2:] += 1.0
     gt = proposal_rois(rng, n)
@@ -123,7 +131,11 @@ def main(argv=None):
     parser.add_argument("--torch-repeats", type=int, default=3, help="timed repeats for slow torchvision roi_align")
     parser.add_argument("--only", default="nms,roi_align,coder", help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (checks the script runs)")
     args = parser.parse_args(argv)
+    args.sizes = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.repeats = args.torch_repeats = 1
     try:
         import torch
         import torchvision as tv

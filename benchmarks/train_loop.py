@@ -1,6 +1,7 @@
 """Training-loop throughput: the real loop against the bare jitted step, same machine, same run.
 
     python benchmarks/train_loop.py [--configs default,coco128_fpn] [--steps 60] [--log-every 10]
+    python benchmarks/train_loop.py --smoke    # the default config, 6 loop steps (the test suite runs it)
 
 "loop": `train_and_evaluate` as `train.py` runs it (grain input pipeline, device
 prefetch, device-side metrics fetched every `--log-every` steps, one asynchronous
@@ -92,12 +93,15 @@ def bare_images_per_sec(config, steps: int) -> float:
     return steps * config.data.batch_size / (time.perf_counter() - t)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="default,coco128_fpn")
     parser.add_argument("--steps", type=int, default=0, help="loop steps (default: 120 default, 24 coco128_fpn)")
     parser.add_argument("--log-every", type=int, default=0, help="log window (default: 20 default, 4 coco128_fpn)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="the default config only, 6 steps in windows of 2")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.configs, args.steps, args.log_every = "default", 6, 2
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain's worker processes (data.num_workers "auto" on accelerators) read absl flags
@@ -122,11 +126,8 @@ def main():
             ]
         )
         print(f"{name}: loop {loop:.2f} img/s, bare step {bare:.2f} img/s", flush=True)
-    import datetime
-
-    print(f"\n{machine_line()}, {datetime.date.today().isoformat()}")
     print_table(
-        "training loop vs bare step (images/s, compile excluded)",
+        f"training loop vs bare step (images/s, compile excluded); {machine_line()}",
         ["config", "arch", "depth", "batch", "loop steps timed", "loop img/s", "bare step img/s", "loop / bare"],
         rows,
     )

@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--models c4,fpn,small] [--repeats 3]
     python benchmarks/train_step.py --remat none,backbone,all [--cpu-scheduler default,memory]
+    python benchmarks/train_step.py --smoke [--remat none,all]   # R-18-FPN on 64x96, one repeat (the suite runs it)
 
 Models: R-50-C4 (the slides' model) and R-50-FPN (torchvision v1) on 800x1066 images
 (canvas 800x1088), batch 2; "small": R-18-FPN (torchvision's resnet18 layout, 64-wide
@@ -54,7 +55,15 @@ SPECS = {
     "fpn": ("fpn", 50, (800, 1066), (800, 1088), 2, 256, 512),
     "fpn1344": ("fpn", 50, (800, 1333), (800, 1344), 2, 256, 512),  # the widest COCO canvas (--remat)
     "small": ("fpn", 18, (128, 128), (128, 128), 8, 128, 64),
+    # --smoke: the same code paths on tiny inputs
+    "smoke": ("fpn", 18, (64, 96), (64, 96), 2, 32, 16),
 }
+SMOKE_MODELS = "smoke"
+
+
+def model_label(name: str, spec) -> str:
+    arch, depth, (h, w) = spec[0], spec[1], spec[2]
+    return f"R-{depth}-{arch.upper()} {h}x{w}"
 
 
 def make_batch(spec, seed=0):
@@ -114,7 +123,7 @@ def child_torch(name, spec, repeats, threads, batch_file):
     torch.set_num_threads(threads)
     arch, depth, (h, w), _, b, rpn_n, roi_n = spec
     kw = dict(rpn_batch_size_per_image=rpn_n, box_batch_size_per_image=roi_n, min_size=h, max_size=max(h, w))
-    if name == "c4":
+    if arch == "c4":
         model = tr.build_c4(num_classes=81, **kw)
     elif depth == 50:
         model = tr.build_fpn(num_classes=81, eps=1e-5, **kw)
@@ -166,7 +175,7 @@ def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", sc
     if arch == "fpn":
         kw.update({"roi_heads.pooler": {"resolution": 7, "sampling_ratio": 2},
                    "rpn.train": {"pre_nms_top_n": 2000, "post_nms_top_n": 2000}})  # fmt: skip
-    if name == "small":
+    if depth == 18 and arch == "fpn":
         kw.update({"rpn.train": {"pre_nms_top_n": 600, "post_nms_top_n": 128},
                    "anchors.sizes": (32.0, 64.0, 128.0, 256.0, 512.0)})  # fmt: skip
     cfg = ModelConfig.from_dict(kw)
@@ -269,7 +278,10 @@ def main(argv=None):
     p.add_argument("--cpu-scheduler", default="default", help=f"with --remat: comma-separated, of {list(SCHEDULERS)}")
     p.add_argument("--malloc-trim", action="store_true", help="JAX: malloc_trim(0) after compiling (see above)")
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="a tiny R-18-FPN on 64x96 images, one repeat")
     args = p.parse_args(argv)
+    if args.smoke and not args.child:
+        args.models, args.repeats = args.models or SMOKE_MODELS, 1
     if args.child:
         spec = list(SPECS[args.name])
         if args.batch:
@@ -339,8 +351,7 @@ def default_main(args, tmp):
         for dtype in dtypes:
             res = {fw: run_child(fw, name, args, batch_file, dtype) for fw in frameworks}
             b = args.batch or SPECS[name][4]
-            label = {"c4": "R-50-C4 800x1066", "fpn": "R-50-FPN 800x1066", "small": "R-18-FPN 128x128",
-                     "fpn1344": "R-50-FPN 800x1333"}[name]  # fmt: skip
+            label = model_label(name, SPECS[name])
             j = res["jax"]
             if "torch" in res:
                 t = res["torch"]

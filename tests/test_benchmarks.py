@@ -1,4 +1,8 @@
-"""benchmarks/accelerator.py: the smoke run (CPU) works with only the GPU machine's packages, and its batch search.
+"""Every benchmark script runs (`--smoke`) and prints its table; accelerator.py also with only the GPU machine's packages.
+
+No benchmark can rot unnoticed: each script in benchmarks/ has a `--smoke` mode (tiny sizes,
+one repeat, the torchvision side included where the script has one) that runs here in a
+subprocess, and the table it prints is read back (`_timing.table_rows`).
 
 The GPU machine the benchmark runs on has only jax, flax, optax, orbax-checkpoint and
 numpy, so the smoke run happens in a subprocess where the other packages cannot be
@@ -154,6 +158,51 @@ def test_accelerator_smoke_runs_with_only_the_gpu_machines_packages(tmp_path):
         assert float(c[col["img/s"]]) > 0 and c[col["peak GB"]] == "n/a"
     assert "process peak RSS" in out.stdout and "process peak RSS" in md.read_text()
     assert md.read_text().count("| R-18-") == 4
+
+
+# --- every other benchmark script: --smoke prints its table --------------------------------------
+# script -> (extra arguments, first column of each expected row, columns that hold positive numbers)
+SMOKE_RUNS = {
+    "ops.py": ([], ["nms iou 0.7", "roi_align fwd sr=0", "roi_align fwd+bwd sr=0", "roi_align fwd sr=2",
+                    "roi_align fwd+bwd sr=2", "encode_boxes", "decode_boxes"], ["JAX ms", "torchvision ms"]),
+    "inference.py": ([], ["R-50-C4", "R-50-FPN"], ["torchvision s/img", "JAX s/img"]),
+    "train_step.py": ([], ["R-18-FPN 64x96"], ["torchvision s/step", "JAX s/step"]),
+    "train_loop.py": ([], ["default"], ["loop img/s", "bare step img/s"]),
+    "input_pipeline.py": ([], ["train pipeline, coco128 800/1333, batch 2", "train pipeline, shapes 128x128, batch 8",
+                               "default config train step (model only), batch 8",
+                               "evaluation (default model, shapes val, 8 images)"], []),
+}  # fmt: skip
+
+
+def test_every_benchmark_script_has_a_smoke_run_here():
+    scripts = {p.name for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_")}
+    assert scripts - {"accelerator.py"} <= set(SMOKE_RUNS), sorted(scripts - {"accelerator.py"} - set(SMOKE_RUNS))
+    for name in scripts:
+        assert "--smoke" in (REPO / "benchmarks" / name).read_text(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
+def test_benchmark_smoke_prints_its_table(script, torch, shared, tmp_path):
+    """`python benchmarks/<script> --smoke`: exit 0, the machine line, one table row per measured case."""
+    args, first_cells, positive = SMOKE_RUNS[script]
+    if script == "input_pipeline.py":
+        args = [*args, "--shared", str(shared)]
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--smoke", *args]
+    env = _subprocess_env(1)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
+    assert out.returncode == 0, f"rc={out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from _timing import cpu_line, table_rows
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert cpu_line() in out.stdout  # the CPU (AVX-512 or not) beside the figures
+    header, *rows = table_rows(out.stdout)
+    assert [r[0] for r in rows] == first_cells, out.stdout[-3000:]
+    for name in positive:
+        col = header.index(name)
+        assert all(float(r[col]) > 0 for r in rows), (name, rows)
 
 
 # --- the batch search and the reporting, without compiling anything -----------------------------
