@@ -151,7 +151,7 @@ def main(argv=None):
     print()
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {cpu_line()}; {machine_line()}")
     print(
-        f"numpy {np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads, kernels "
+        f"numpy {np.__version__}, torch {torch.__version__} (threads: {torch.get_num_threads()}, kernels "
         f"{torch.backends.cpu.get_cpu_capability()}), torchvision {torchvision.__version__}, "
         f"pycocotools {metadata.version('pycocotools')}; median of {repeats} after a warm-up"
     )
