@@ -122,7 +122,7 @@ def _check(masks, boxes):
     boxes = np.asarray(boxes, np.float32)
     if masks.ndim != 3 or masks.shape[1] != masks.shape[2]:
         raise ValueError(f"masks must be [K, M, M], got shape {masks.shape}")
-    boxes = boxes.reshape(-1, 4) if boxes.size or boxes.ndim != 2 else boxes.reshape(0, 4)
+    boxes = boxes.reshape(-1, 4)
     if len(boxes) != len(masks):
         raise ValueError(f"{len(masks)} masks but {len(boxes)} boxes")
     return masks, boxes
@@ -184,6 +184,10 @@ def iter_mask_rles(masks, boxes, image_hw, threshold: float = 0.5, padding: int 
     """
     from pycocotools import mask as mask_utils
 
+    if threshold is None:
+        raise ValueError(
+            "iter_mask_rles: an RLE is binary, threshold must be a number (use iter_pasted_masks for floats)"
+        )
     im_h, im_w = (int(v) for v in image_hw)
     buffer = np.zeros((im_h, im_w), np.uint8, order="F")
     for crop, y0, x0 in iter_pasted_masks(masks, boxes, image_hw, threshold, padding):

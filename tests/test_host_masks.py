@@ -108,6 +108,8 @@ def test_paste_masks_empty_and_bad_shapes():
     assert list(host_masks.iter_mask_rles(np.zeros((0, 28, 28)), np.zeros((0, 4)), (5, 7))) == []
     with pytest.raises(ValueError, match=r"masks must be \[K, M, M\]"):
         host_masks.paste_masks(np.zeros((2, 28, 14)), np.zeros((2, 4)), (5, 7))
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        next(host_masks.iter_mask_rles(np.zeros((1, 28, 28)), np.zeros((1, 4)), (5, 7), threshold=None))
     with pytest.raises(ValueError, match="2 masks but 3 boxes"):
         host_masks.paste_masks(np.zeros((2, 28, 28)), np.zeros((3, 4)), (5, 7))
 
