@@ -204,9 +204,16 @@ def _tiny_result(**kw):
             "segmentation": {"size": [6, 8], "counts": rle["counts"].decode()}, **kw}  # fmt: skip
 
 
-def test_tiny_gt_is_valid_and_scores_one():
+def test_tiny_gt_is_valid_and_scores_one(tmp_path):
     result = evaluate_coco(_tiny_gt(), [_tiny_result()])
     assert result.segm.stats["AP"] == pytest.approx(1.0)
+    # in-memory results may hold pycocotools' bytes counts: evaluated alike, written as str
+    raw = _tiny_result()
+    raw["segmentation"]["counts"] = raw["segmentation"]["counts"].encode()
+    result = evaluate_coco(_tiny_gt(), [raw])
+    assert result.segm.stats["AP"] == pytest.approx(1.0)
+    paths = evaluation.write_coco_report(tmp_path, result)
+    assert json.loads(paths["detections"].read_text())[0]["segmentation"] == _tiny_result()["segmentation"]
 
 
 @pytest.mark.parametrize(

@@ -18,11 +18,13 @@ PR_PLOT_FILE = "precision_recall.png"
 
 
 def _json_safe(value):
-    """numpy scalars / arrays -> Python numbers / lists, NaN / inf -> None (strict JSON), recursively."""
+    """numpy scalars / arrays -> Python numbers / lists, NaN / inf -> None (strict JSON), bytes -> str, recursively."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
     elif isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, bytes):  # e.g. the counts of an RLE straight from pycocotools.mask.encode
+        return value.decode("ascii", "backslashreplace")
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
