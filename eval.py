@@ -1,4 +1,4 @@
-r"""Evaluate detections with the official COCO metrics (pycocotools COCOeval, "bbox").
+r"""Evaluate detections with the official COCO metrics (pycocotools COCOeval, "bbox" and "segm").
 
 Run a model over a dataset split and evaluate it:
 
@@ -14,9 +14,17 @@ Evaluate an existing COCO results file against COCO-format ground truth, no mode
 
   python eval.py --annotations=instances_val2017.json --detections=results.json --out=DIR
 
-Both modes print pycocotools' standard 12-line summary and a per-class AP table, and write
+Results that carry "segmentation" (COCO compressed RLE at the original image size, as
+pycocotools.mask.encode writes it, counts as a string) are also evaluated as instance
+masks (COCOeval "segm", the results' boxes left out so areas come from the masks);
+results with "segmentation" but no "bbox" get their mask's extent as box for the bbox
+numbers. Ground-truth masks may be polygons, uncompressed or compressed RLE.
+
+Both modes print pycocotools' standard 12-line summary (and the segm one) and a
+per-class AP table (box and mask AP), and write
   DIR/metrics.json            AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs,
-                              ARm, ARl (full precision) and per_class {name: AP or null}
+                              ARm, ARl (full precision, bbox) and per_class {name: AP or
+                              null}; with masks also "segm": {the same 12 keys, per_class}
   DIR/detections.json         the evaluated COCO results list
   DIR/precision_recall.png    class-averaged precision-recall curves (IoU .5, .75, .5:.95)
 
@@ -52,7 +60,10 @@ flags.DEFINE_integer("max_images", 0, "Model mode: evaluate only the first N ima
 
 flags.DEFINE_string("annotations", None, "COCO-format ground-truth JSON (e.g. instances_val2017.json).")
 flags.DEFINE_string(
-    "detections", None, 'COCO results JSON: a list of {"image_id", "category_id", "bbox": [x, y, w, h], "score"}.'
+    "detections",
+    None,
+    'COCO results JSON: a list of {"image_id", "category_id", "bbox": [x, y, w, h], "score"} '
+    '(and/or "segmentation": compressed RLE, for mask AP).',
 )
 flags.DEFINE_string("out", None, "Output directory for metrics.json, detections.json, precision_recall.png (created).")
 
@@ -72,9 +83,10 @@ def evaluate_results_file(annotations: str, detections: str, out: str) -> int:
         result = evaluation.evaluate_coco(annotations, detections)
     except evaluation.EvaluationInputError as e:
         return _fail(str(e))
+    kinds = "bbox" if result.segm is None else "bbox and segm"
     print(
         f"Evaluated {len(result.detections)} detections on {result.num_images} images, "
-        f"{len(result.category_ids)} categories (COCOeval bbox):"
+        f"{len(result.category_ids)} categories (COCOeval {kinds}):"
     )
     return _print_and_write(result, out)
 
@@ -83,9 +95,16 @@ def _print_and_write(result, out: str) -> int:
     from frcnn_jax import evaluation
 
     print(result.summary, end="")
+    segm = result.segm
+    if segm is not None:
+        print("\nsegm (instance masks):")
+        print(segm.summary, end="")
     print()
     print("Per-class AP@[.5:.95] (area all, maxDets 100; '-' = no ground truth):")
-    print(evaluation.format_per_class_table(result.per_class))
+    if segm is None:
+        print(evaluation.format_per_class_table(result.per_class))
+    else:
+        print(evaluation.format_per_class_table(result.per_class, columns=2, segm=segm.per_class))
     try:
         paths = evaluation.write_coco_report(out, result)
     except OSError as e:

@@ -308,3 +308,21 @@ def test_batch_search_falls_back_on_out_of_memory(accelerator, tmp_path):
     ]
     assert res[("infer", 1)]["status"] == res[("infer", 8)]["status"] == "ok"
     assert any(row[5] == "SKIPPED" for row in bench.table_rows())
+
+
+def test_mask_paste_smoke_prints_its_tables(torch, tmp_path):
+    """benchmarks/mask_paste.py --smoke (ours and torchvision's paste, the RLE path) prints both tables."""
+    script = REPO / "benchmarks" / "mask_paste.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--smoke"],
+        capture_output=True, text=True, env=_subprocess_env(1), cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, f"rc={out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
+    lines = out.stdout.splitlines()
+    assert any("AVX-512: " in line for line in lines) and any("torchvision 0." in line for line in lines)
+    paste = [line.split("|")[1:-1] for line in lines if line.startswith("| 64x48") or line.startswith("| 300x200")]
+    assert len(paste) == 4, out.stdout  # two rows in each table
+    for cells in paste[:2]:  # image, masks, ours s, torchvision s, ratio, equal
+        assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[5].strip() == "yes"
+    for cells in paste[2:]:  # image, masks, RLE s, peak MiB, [K, H, W] MiB
+        assert float(cells[2]) > 0 and float(cells[3]) >= 0

@@ -31,6 +31,7 @@ LAYERS = {
     "frcnn_jax.testing": 2,
     "frcnn_jax.coco_format": 2,  # pure-Python helpers shared by data, evaluation and training
     "frcnn_jax.host_boxes": 2,
+    "frcnn_jax.host_masks": 2,
     "frcnn_jax.io_utils": 2,
     "frcnn_jax.training": 3,
     # command-line tools

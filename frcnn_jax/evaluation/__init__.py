@@ -8,6 +8,7 @@ from frcnn_jax.evaluation.coco import (
     CocoEvalResult,
     EvaluationInputError,
     check_coco_gt,
+    check_coco_gt_segmentation,
     check_coco_results,
     contiguous_label_map,
     evaluate_coco,
@@ -15,6 +16,7 @@ from frcnn_jax.evaluation.coco import (
     load_json,
     per_class_ap,
     to_coco_results,
+    to_coco_results_with_masks,
 )
 from frcnn_jax.evaluation.plots import mean_precision_curves, plot_precision_recall
 from frcnn_jax.evaluation.report import (
@@ -34,6 +36,7 @@ __all__ = [
     "CocoEvalResult",
     "EvaluationInputError",
     "check_coco_gt",
+    "check_coco_gt_segmentation",
     "check_coco_results",
     "contiguous_label_map",
     "evaluate_coco",
@@ -41,6 +44,7 @@ __all__ = [
     "load_json",
     "per_class_ap",
     "to_coco_results",
+    "to_coco_results_with_masks",
     "mean_precision_curves",
     "plot_precision_recall",
     "DETECTIONS_FILE",

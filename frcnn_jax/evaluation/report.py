@@ -18,11 +18,13 @@ PR_PLOT_FILE = "precision_recall.png"
 
 
 def _json_safe(value):
-    """numpy scalars / arrays -> Python numbers / lists, NaN / inf -> None (strict JSON), recursively."""
+    """numpy scalars / arrays -> Python numbers / lists, NaN / inf -> None (strict JSON), bytes -> str, recursively."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
     elif isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, bytes):  # e.g. the counts of an RLE straight from pycocotools.mask.encode
+        return value.decode("ascii", "backslashreplace")
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
@@ -44,7 +46,8 @@ def write_json(path, obj, indent: int | None = 1) -> pathlib.Path:
 
 
 def write_metrics_json(path, result) -> pathlib.Path:
-    """metrics.json: exactly {"AP", "AP50", ..., "ARl" (STAT_KEYS): float, "per_class": {name: float | null}}.
+    """metrics.json: exactly {"AP", "AP50", ..., "ARl" (STAT_KEYS): float, "per_class": {name: float | null}}
+    (the bbox numbers), plus "segm": {the same 12 keys, "per_class"} when masks were evaluated.
 
     Args:
       result: a `CocoEvalResult` (or its `.metrics()` dict).
@@ -54,7 +57,8 @@ def write_metrics_json(path, result) -> pathlib.Path:
 
 
 def write_detections_json(path, detections) -> pathlib.Path:
-    """detections.json: the COCO results list ({"image_id", "category_id", "bbox": [x, y, w, h], "score"})."""
+    """detections.json: the COCO results list ({"image_id", "category_id", "bbox": [x, y, w, h], "score"},
+    and "segmentation" RLE for masks)."""
     return write_json(path, list(detections), indent=None)
 
 
@@ -78,24 +82,36 @@ def write_coco_report(out_dir, result) -> dict[str, pathlib.Path]:
     return paths
 
 
-def format_per_class_table(per_class: Mapping[str, float | None], columns: int = 3, title: str = "AP") -> str:
-    """A fixed-width text table of per-class AP, `columns` (name, AP) pairs per row.
+def format_per_class_table(
+    per_class: Mapping[str, float | None],
+    columns: int = 3,
+    title: str = "AP",
+    segm: Mapping[str, float | None] | None = None,
+) -> str:
+    """A fixed-width text table of per-class AP, `columns` (name, AP) cells per row.
 
     Args:
       per_class: {name: AP in [0, 1] or None (no GT, shown as "-")}.
+      segm: optional {name: mask (segm) AP or None} for the same classes: each cell then
+        shows the box AP (column "box AP") and the mask AP ("mask AP").
     Returns:
       the table as a string (no trailing newline); AP printed with 3 decimals like
       pycocotools' summary.
     """
-    items = [(str(k), "-" if v is None or math.isnan(v) else f"{v:.3f}") for k, v in per_class.items()]
+    fmt = lambda v: "-" if v is None or math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    items = [(str(k), [fmt(v)] + ([] if segm is None else [fmt(segm.get(k))])) for k, v in per_class.items()]
     if not items:
         return "(no categories)"
+    titles = [title] if segm is None else ["box AP", "mask AP"]
     name_w = max(len("category"), *(len(n) for n, _ in items))
-    val_w = max(len(title), *(len(v) for _, v in items))
+    val_ws = [max(len(t), *(len(vals[i]) for _, vals in items)) for i, t in enumerate(titles)]
     columns = max(1, min(columns, len(items)))
-    cell = lambda n, v: f"{n:<{name_w}} {v:>{val_w}}"  # noqa: E731
+
+    def cell(name, values):
+        return f"{name:<{name_w}} " + " ".join(f"{v:>{w}}" for v, w in zip(values, val_ws))
+
     sep = " | "
-    header = sep.join([cell("category", title)] * columns)
+    header = sep.join([cell("category", titles)] * columns)
     lines = [header, "-" * len(header)]
     for start in range(0, len(items), columns):
         lines.append(sep.join(cell(n, v) for n, v in items[start : start + columns]).rstrip())
