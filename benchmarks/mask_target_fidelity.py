@@ -103,7 +103,7 @@ def measure(annotations=DEFAULT_ANNOTATIONS, *, crop_size=112, mask_size=28, jit
         padded = host_masks.pad_masks(crops, crop_boxes, g_pad)
         got = targets_fn(
             pad_rois, pad_matched, pad_valid, padded["gt_masks"][None], padded["gt_mask_boxes"][None],
-            mask_size=mask_size,
+            np.asarray([new_hw], np.int32), mask_size=mask_size,
         )  # fmt: skip
         got = np.asarray(got)[0, : len(rois)]
         d = np.abs(got - ref)
