@@ -127,7 +127,11 @@ def test_invalid_rows_and_padded_ground_truth(case):
     valid = np.arange(len(rois)) % 3 != 0
     got = np.asarray(
         mt.mask_targets(
-            rois[None], matched[None], valid[None], padded["gt_masks"][None], padded["gt_mask_boxes"][None],
+            rois[None],
+            matched[None],
+            valid[None],
+            padded["gt_masks"][None],
+            padded["gt_mask_boxes"][None],
             case["hw"][:1],
         )
     )[0]
@@ -175,7 +179,7 @@ def test_loss_equals_maskrcnn_loss(torch, case):
     targets = np.zeros((b, p, M, M), np.float32)
     valid = np.zeros((b, p), bool)
     start = 0
-    for i, (masks, rois, matched, gt_labels) in enumerate(per_image):
+    for i, (_masks, rois, matched, gt_labels) in enumerate(per_image):
         r = len(rois)
         big[i, :r] = logits[start : start + r]
         labels[i, :r] = gt_labels[matched]
@@ -188,7 +192,9 @@ def test_loss_equals_maskrcnn_loss(torch, case):
     np.testing.assert_allclose(got_grad, t_logits.grad.numpy(), atol=1e-9, rtol=1e-4)
     assert np.all(np.asarray(grad)[~valid] == 0)
     # The flat [R, K, M, M] form gives the same loss.
-    flat = mt.mask_loss(logits, np.concatenate([x[3][x[2]] for x in per_image]), case["full"].reshape(-1, M, M), np.ones(n, bool))
+    flat = mt.mask_loss(
+        logits, np.concatenate([x[3][x[2]] for x in per_image]), case["full"].reshape(-1, M, M), np.ones(n, bool)
+    )
     assert float(flat) == pytest.approx(float(ref), rel=1e-5)
 
 

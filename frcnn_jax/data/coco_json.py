@@ -139,14 +139,14 @@ class CocoJsonSource:
                 if "segmentation" not in ann:
                     raise ValueError(f"{path}: annotation id {ann_id} (image id {image_id}) has no 'segmentation'")
                 try:
-                    rle = segmentation_to_rle(ann["segmentation"], int(self.heights[row]), int(self.widths[row]))["counts"]
+                    rle = segmentation_to_rle(ann["segmentation"], int(self.heights[row]), int(self.widths[row]))[
+                        "counts"
+                    ]
                 except Exception as e:  # pycocotools raises bare Exception / TypeError for unsupported input
                     raise ValueError(
                         f"{path}: annotation id {ann_id} (image id {image_id}): segmentation cannot be decoded ({e})"
                     ) from None
-            per_image[row].append(
-                (x1, y1, x2, y2, self.category_id_to_label[cat_id], bool(ann.get("iscrowd", 0)), rle)
-            )
+            per_image[row].append((x1, y1, x2, y2, self.category_id_to_label[cat_id], bool(ann.get("iscrowd", 0)), rle))
 
         # Flat arrays + offsets: compact, and cheap to pickle into worker processes.
         counts = np.array([len(p) for p in per_image], np.int64)

@@ -98,7 +98,9 @@ def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
                 raise ValueError("polygon coordinates must be finite numbers")
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
     if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
-        raise ValueError(f"expected polygons or an RLE dict with 'size' and 'counts', got {type(segmentation).__name__}")
+        raise ValueError(
+            f"expected polygons or an RLE dict with 'size' and 'counts', got {type(segmentation).__name__}"
+        )
     size = [int(v) for v in segmentation["size"]]
     if size != [h, w]:
         raise ValueError(f"RLE size {size} differs from the image's (height, width) [{h}, {w}]")

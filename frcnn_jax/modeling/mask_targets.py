@@ -142,7 +142,9 @@ def _crop_axis_weights(r1, r2, c1, c2, extent, *, out: int, crop: int, max_sampl
     return jnp.sum(jnp.where(keep[..., None], hat, 0.0), axis=2) / grid
 
 
-def mask_targets(rois, matched, valid, gt_masks, gt_mask_boxes, image_size, *, mask_size: int = 28, max_samples: int = 8):
+def mask_targets(
+    rois, matched, valid, gt_masks, gt_mask_boxes, image_size, *, mask_size: int = 28, max_samples: int = 8
+):
     """Each foreground ROI's M x M target from the host's S x S crops (approximates `mask_targets_full`).
 
     torchvision's sampling, read from the crop: every ROI bin averages g x g samples at
