@@ -198,6 +198,12 @@ def _support(any_pixels):
     return float(idx[0] - 1), float(idx[-1] + 1)
 
 
+def _fold(weights, src):
+    """Sums the weight columns of runs of equal source indices: ([out, k'] weights, [k'] indices)."""
+    starts = np.flatnonzero(np.concatenate([[True], src[1:] != src[:-1]]))
+    return np.add.reduceat(weights, starts, axis=1), src[starts]
+
+
 def crop_instance_masks(masks, resized_hw: tuple[int, int], flip: bool, mask_size: int, fallback_boxes=None):
     """Resized-and-flipped instance masks cropped to their support at S x S (see module doc).
 
@@ -247,10 +253,12 @@ def crop_instance_masks(masks, resized_hw: tuple[int, int], flip: bool, mask_siz
         rx = np.flatnonzero(ax.any(axis=0))
         if ry.size == 0 or rx.size == 0:
             continue
-        ry = np.arange(ry[0], ry[-1] + 1)
-        rx = np.arange(rx[0], rx[-1] + 1)
-        window = mask[np.ix_(src_rows[ry], src_cols[rx])].astype(np.float32)
-        value = (ay[:, ry] @ window @ ax[:, rx].T) / np.float32(gy * gx)
+        # Fold the weights of resized rows (columns) that read the same original one: the
+        # product then runs on the original mask's window (smaller when upsampling).
+        wy, rows = _fold(ay[:, ry[0] : ry[-1] + 1], src_rows[ry[0] : ry[-1] + 1])
+        wx, cols = _fold(ax[:, rx[0] : rx[-1] + 1], src_cols[rx[0] : rx[-1] + 1])
+        window = mask[np.ix_(rows, cols)].astype(np.float32)
+        value = (wy @ window @ wx.T) / np.float32(gy * gx)
         crops[i] = np.clip(np.rint(value * MASK_SCALE), 0, MASK_SCALE).astype(np.uint8)
     return crops, crop_boxes
 
