@@ -151,6 +151,27 @@ def test_select_positives():
     np.testing.assert_array_equal(mt.gather_rows(boxes, pos.index)[0, :2], boxes[0, jnp.array([1, 3])])
 
 
+def test_mask_head_targets_take_the_foreground_rois(case):
+    masks, rois, matched = case["images"][0]
+    crops, boxes = host_masks.crop_instance_masks(masks, masks.shape[1:], False, 112)
+    r = len(rois)
+    labels = np.where(np.arange(r) % 2 == 0, 3, 0).astype(np.int32)  # every other ROI foreground
+    roi_valid = np.arange(r) < r - 2
+    t = mt.mask_head_targets(
+        rois[None], labels[None], roi_valid[None], matched[None], crops[None], boxes[None], case["hw"][:1],
+        num_positives=16,
+    )  # fmt: skip
+    fg = np.flatnonzero((labels > 0) & roi_valid)[:16]
+    k = len(fg)
+    assert np.asarray(t["valid"])[0].sum() == k and t["targets"].shape == (1, 16, M, M)
+    np.testing.assert_array_equal(np.asarray(t["index"])[0, :k], fg)
+    np.testing.assert_array_equal(np.asarray(t["boxes"])[0, :k], rois[fg])
+    np.testing.assert_array_equal(np.asarray(t["matched"])[0, :k], matched[fg])
+    assert np.all(np.asarray(t["labels"])[0, :k] == 3) and not np.asarray(t["labels"])[0, k:].any()
+    np.testing.assert_allclose(np.asarray(t["targets"])[0, :k], case["crop"][0][fg], atol=2e-5)
+    assert not np.asarray(t["targets"])[0, k:].any()
+
+
 def test_loss_equals_maskrcnn_loss(torch, case):
     from torchvision.models.detection.roi_heads import maskrcnn_loss
 

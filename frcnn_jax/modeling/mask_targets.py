@@ -1,8 +1,12 @@
 """Mask R-CNN training targets and loss as pure functions (torchvision's `maskrcnn_loss`).
 
-    pos = select_positives(roi_labels, roi_valid, num_positives=128)      # [B, P] static count
-    targets = mask_targets(rois, matched, pos, gt_masks, gt_mask_boxes, mask_size=28)
-    loss = mask_loss(mask_logits, labels_of_pos, targets, pos.valid)
+    t = mask_head_targets(sampled["boxes"], sampled["labels"], sampled["valid"], sampled_matched,
+                          batch["gt_masks"], batch["gt_mask_boxes"], batch["image_size"])
+    mask_logits = mask_head(features, t["boxes"])                           # [B, P, K, M, M]
+    loss = mask_loss(mask_logits, t["labels"], t["targets"], t["valid"])
+
+(`select_positives` + `gather_rows` + `mask_targets`; `sampled` is the box head's sample
+of `roi_heads.box_head_targets`, `sampled_matched` its ROIs' ground-truth rows.)
 
 Shapes: B images, R sampled ROIs per image (512), P = int(R * positive_fraction) foreground
 ROIs kept per image (128), G padded ground truth, S the host crop size (112), M the mask
@@ -183,6 +187,50 @@ def mask_targets(
     out = jnp.einsum("nay,nyx,nbx->nab", ay, crops, ax, precision=hi)
     out = jax.lax.stop_gradient(jnp.clip(out.reshape(b, p, mask_size, mask_size), 0.0, 1.0))
     return jnp.where(valid[..., None, None], out, 0.0)
+
+
+def mask_head_targets(
+    roi_boxes,
+    roi_labels,
+    roi_valid,
+    roi_matched,
+    gt_masks,
+    gt_mask_boxes,
+    image_size,
+    *,
+    num_positives: int = 128,
+    mask_size: int = 28,
+    max_samples: int = 8,
+):
+    """The mask head's ROIs and targets from the box head's sampled ROIs (torchvision's `mask_proposals`).
+
+    Args:
+      roi_boxes: [B, R, 4] float32 sampled ROIs (resized image pixels); roi_labels: int32
+        [B, R] (0 background); roi_valid: bool [B, R]; roi_matched: int32 [B, R] each ROI's
+        ground-truth row (any value for background).
+      gt_masks, gt_mask_boxes, image_size: the batch's crops, crop boxes and resized sizes
+        (see `mask_targets`).
+      num_positives: P (static); mask_size: M; max_samples: see `mask_targets`.
+    Returns:
+      dict: boxes [B, P, 4] float32, labels [B, P] int32, matched [B, P] int32, index [B, P]
+      int32 (rows of the R sampled ROIs, e.g. to reuse C4's res5 features), valid [B, P]
+      bool, targets [B, P, M, M] float32 (zero where invalid).
+    """
+    pos = select_positives(roi_labels, roi_valid, num_positives)
+    boxes = jax.lax.stop_gradient(gather_rows(jnp.asarray(roi_boxes, jnp.float32), pos.index))
+    labels = jnp.where(pos.valid, gather_rows(jnp.asarray(roi_labels, jnp.int32), pos.index), 0)
+    matched = jnp.where(pos.valid, gather_rows(jnp.asarray(roi_matched, jnp.int32), pos.index), 0)
+    targets = mask_targets(
+        boxes, matched, pos.valid, gt_masks, gt_mask_boxes, image_size, mask_size=mask_size, max_samples=max_samples
+    )
+    return {
+        "boxes": boxes,
+        "labels": labels,
+        "matched": matched,
+        "index": pos.index,
+        "valid": pos.valid,
+        "targets": targets,
+    }
 
 
 def mask_loss(mask_logits, labels, targets, valid):
