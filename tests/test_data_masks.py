@@ -136,6 +136,34 @@ def test_shapes_masks_are_the_visible_pixels():
     assert "masks" not in ShapesDataset("train", num_images=2)[0]  # off by default
 
 
+def test_shapes_coco_gt_has_the_visible_masks_as_segmentations():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ds = ShapesDataset("val", seed=2, num_images=12, masks=True)
+    gt = ds.coco_gt()
+    plain = ShapesDataset("val", seed=2, num_images=12).coco_gt()
+    assert all("segmentation" not in a for a in plain["annotations"])  # box-only ground truth unchanged
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    k = 0
+    for i in range(len(ds)):
+        ex = ds[i]
+        for mask in ex["masks"]:
+            ann = gt["annotations"][k]
+            assert ann["image_id"] == i and ann["area"] == mask.sum()
+            np.testing.assert_array_equal(coco.annToMask(ann), mask)
+            k += 1
+    assert k == len(gt["annotations"])
+    dets = coco.loadRes([dict(a, score=1.0) for a in gt["annotations"]])
+    ev = COCOeval(coco, dets, "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
+
+
 def _pipeline(source, mask_size, **kw):
     args = dict(batch_size=4, canvases=[(160, 160)], min_size=160, max_size=160, max_gt=6, train=True, seed=0)
     args.update(kw)
@@ -208,7 +236,7 @@ def test_data_masks_config_and_the_tfds_error():
     builder.validate_data_config(data)
     data.batch_size, data.canvases, data.min_size, data.max_size, data.num_workers = 4, [(128, 128)], (128,), 128, "0"
     source = builder.build_source(data, "train")
-    assert source.masks and not builder.build_source(data, "val").masks  # masks for training only
+    assert source.masks and builder.build_source(data, "val").masks
     with builder.train_iterator(source, data, seed=0, num_hosts=1) as it:
         assert next(it)["gt_masks"].shape == (4, data.max_gt, 112, 112)
 

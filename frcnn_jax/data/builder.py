@@ -115,8 +115,14 @@ def _source_class(name: str):
 
 
 def masks_wanted(data, split: str = "train") -> bool:
-    """Whether the `split` source should carry instance masks: `data.masks`, training split only."""
-    return bool(data.get("masks", False)) and split == "train"
+    """Whether the `split` source carries instance masks: `data.masks`, both splits.
+
+    Training crops them into the batches; the val source's masks give shapes' `coco_gt()`
+    its segmentations (COCO JSON's is the file itself), and COCO JSON sources check every
+    segmentation when built, so a bad one in either file stops the run before it writes.
+    """
+    del split
+    return bool(data.get("masks", False))
 
 
 def build_source(data, split: str = "train") -> Any:

@@ -254,12 +254,16 @@ class ShapesDataset:
         return example, owner
 
     def coco_gt(self) -> dict:
-        """COCO-format ground truth of the whole split (renders every image once)."""
+        """COCO-format ground truth of the whole split (renders every image once).
+
+        With masks=True the annotations also hold each shape's visible pixels as
+        `segmentation` (compressed RLE) and their count as `area` (box area otherwise).
+        """
         height, width = self.image_size
 
         def entries():
             for i in range(self.num_images):
-                ex = self.render_with_masks(i)[0]
+                ex = self[i]
                 yield {
                     "image_id": i,
                     "height": height,
@@ -268,6 +272,7 @@ class ShapesDataset:
                     "boxes": ex["boxes"],
                     "labels": ex["labels"],
                     "is_crowd": ex["is_crowd"],
+                    "masks": ex.get("masks"),  # with masks=True: segmentations, mask areas
                 }
 
         return coco_gt_from_targets(entries(), self.category_names, self.label_to_category_id)
