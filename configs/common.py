@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
     # of the training process); see frcnn_jax.data.builder.resolve_num_workers.
     config.data.num_workers = "auto"
     config.data.hflip = True
+    # Instance masks for Mask R-CNN training (shapes, coco_json; tfds has none): each mask is
+    # cropped to its box on the host at mask_size x mask_size (uint8), see frcnn_jax/data/masks.py.
+    config.data.masks = False
+    config.data.mask_size = 112
     config.data.shapes = ml_collections.ConfigDict(dict(image_size=128, num_train=1_000_000, num_val=500, seed=0))
     config.data.tfds = ml_collections.ConfigDict(
         dict(name="coco/2017", train_split="train", val_split="validation", data_dir="")

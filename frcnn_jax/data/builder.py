@@ -44,6 +44,15 @@ def validate_data_config(data) -> None:
         transforms.check_canvases(data.canvases)
     except ValueError as e:
         raise ValueError(f"data.canvases={data.canvases!r}: {e}") from None
+    if data.get("masks", False):
+        if int(data.get("mask_size", 112)) < 3:
+            fail("mask_size", "must be >= 3")
+        if not _source_class(data.source).has_masks:
+            name = f"tfds {data.tfds.name}" if data.source == "tfds" else data.source
+            raise ValueError(
+                f"data.masks=True: the source {name} (data.source={data.source!r}) carries no instance masks; "
+                "use data.source=coco_json (COCO JSON segmentations) or shapes"
+            )
     if data.source == "coco_json":
         for split in SPLITS:
             for key in (f"{split}_annotations", f"{split}_images"):
@@ -90,22 +99,55 @@ def _num_workers(data) -> int:
     return workers
 
 
+def _source_class(name: str):
+    """The source class of `data.source` (importing it does not import tensorflow_datasets)."""
+    if name == "shapes":
+        from frcnn_jax.data.shapes import ShapesDataset
+
+        return ShapesDataset
+    if name == "coco_json":
+        from frcnn_jax.data.coco_json import CocoJsonSource
+
+        return CocoJsonSource
+    from frcnn_jax.data.tfds_source import TfdsSource
+
+    return TfdsSource
+
+
+def masks_wanted(data, split: str = "train") -> bool:
+    """Whether the `split` source carries instance masks: `data.masks`, both splits.
+
+    Training crops them into the batches; the val source's masks give shapes' `coco_gt()`
+    its segmentations (COCO JSON's is the file itself), and COCO JSON sources check every
+    segmentation when built, so a bad one in either file stops the run before it writes.
+    """
+    del split
+    return bool(data.get("masks", False))
+
+
 def build_source(data, split: str = "train") -> Any:
-    """The random-access source of `split` ("train" or "val") described by `data`."""
+    """The random-access source of `split` ("train" or "val") described by `data`.
+
+    With `data.masks` the training source carries instance masks (records' "masks"); a
+    source without masks (tfds) is a ValueError naming it.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    masks = masks_wanted(data, split)
+    if masks and data.source in SOURCES and not _source_class(data.source).has_masks:
+        validate_data_config(data)  # raises the error naming the source
     if data.source == "shapes":
         from frcnn_jax.data.shapes import ShapesDataset
 
         s = data.shapes
         size = int(s.image_size)
         num = int(s.num_train if split == "train" else s.num_val)
-        return ShapesDataset(split=split, seed=int(s.seed), num_images=num, image_size=(size, size))
+        return ShapesDataset(split=split, seed=int(s.seed), num_images=num, image_size=(size, size), masks=masks)
     if data.source == "coco_json":
         from frcnn_jax.data.coco_json import CocoJsonSource
 
         c = data.coco_json
-        return CocoJsonSource(c[f"{split}_annotations"], c[f"{split}_images"])
+        return CocoJsonSource(c[f"{split}_annotations"], c[f"{split}_images"], masks=masks)
     if data.source == "tfds":
         from frcnn_jax.data.tfds_source import TfdsSource
 
@@ -122,7 +164,8 @@ def train_iterator(source, data, *, seed: int, num_hosts: int | None = None):
     """Endless shuffled, augmented batches of the host's share of `data.batch_size`.
 
     Augmentation: random min_size (a tuple `data.min_size`) and, with `data.hflip`, a
-    horizontal flip with p = 0.5.
+    horizontal flip with p = 0.5. With `data.masks`, batches add "gt_masks" uint8
+    [B, G, S, S] and "gt_mask_boxes" float32 [B, G, 4] (S = `data.mask_size`; pipeline.py).
     """
     import jax
 
@@ -140,6 +183,7 @@ def train_iterator(source, data, *, seed: int, num_hosts: int | None = None):
         hflip=bool(data.hflip),
         seed=int(seed),
         num_workers=_num_workers(data),
+        mask_size=int(data.mask_size) if data.get("masks", False) else 0,
     )
 
 

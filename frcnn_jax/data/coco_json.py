@@ -26,6 +26,10 @@ Bad input policy (every message names the file and the image / annotation concer
   width/height: error when that record is read (FileNotFoundError / ValueError naming the
   file and the image id); images are not checked up front (a dataset of 100k files
   would take long), and nothing is skipped silently.
+- with `masks=True`: an annotation without a `segmentation`, or one pycocotools cannot
+  decode (empty or malformed polygons, an RLE of another size, runs not covering the
+  image), is a ValueError naming the file and the annotation id, raised by the
+  constructor (every kept annotation is converted to a compressed RLE up front).
 `coco_gt()` returns the file's own content (the dropped and clipped boxes as they are in
 the file), so pycocotools reproduces the official numbers.
 
@@ -44,6 +48,7 @@ import numpy as np
 from frcnn_jax.coco_format import coco_gt_problem
 from frcnn_jax.data.example import make_example
 from frcnn_jax.data.images import decode_image
+from frcnn_jax.data.masks import decode_rles, segmentation_to_rle
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,10 @@ class CocoJsonSource:
     Args:
       annotation_file: path of the COCO-format JSON.
       image_dir: folder holding the images' `file_name`s.
+      masks: records carry "masks" uint8 [N, H, W] decoded from each annotation's
+        `segmentation` (polygons, uncompressed or compressed RLE; pycocotools, as
+        `COCO.annToMask`). Held as compressed RLEs in one bytes blob (a few hundred bytes
+        per annotation) and decoded per record.
 
     Attributes:
       num_object_classes, category_names, label_to_category_id, category_id_to_label: category maps.
@@ -84,9 +93,12 @@ class CocoJsonSource:
       stats: {"dropped": n, "clipped": n} counts of the bad boxes handled (see module doc).
     """
 
-    def __init__(self, annotation_file: str, image_dir: str):
+    has_masks = True
+
+    def __init__(self, annotation_file: str, image_dir: str, masks: bool = False):
         self.annotation_file = os.fspath(annotation_file)
         self.image_dir = os.fspath(image_dir)
+        self.masks = bool(masks)
         path = self.annotation_file
         data = load_coco_json(path)  # checked: unique ids, known references, valid bboxes
 
@@ -122,7 +134,19 @@ class CocoJsonSource:
                     dropped.append((ann_id, image_id, bbox, "outside the image"))
                     continue
                 clipped.append((ann_id, image_id, bbox))
-            per_image[row].append((x1, y1, x2, y2, self.category_id_to_label[cat_id], bool(ann.get("iscrowd", 0))))
+            rle = b""
+            if self.masks:
+                if "segmentation" not in ann:
+                    raise ValueError(f"{path}: annotation id {ann_id} (image id {image_id}) has no 'segmentation'")
+                try:
+                    rle = segmentation_to_rle(ann["segmentation"], int(self.heights[row]), int(self.widths[row]))[
+                        "counts"
+                    ]
+                except Exception as e:  # pycocotools raises bare Exception / TypeError for unsupported input
+                    raise ValueError(
+                        f"{path}: annotation id {ann_id} (image id {image_id}): segmentation cannot be decoded ({e})"
+                    ) from None
+            per_image[row].append((x1, y1, x2, y2, self.category_id_to_label[cat_id], bool(ann.get("iscrowd", 0)), rle))
 
         # Flat arrays + offsets: compact, and cheap to pickle into worker processes.
         counts = np.array([len(p) for p in per_image], np.int64)
@@ -131,6 +155,10 @@ class CocoJsonSource:
         self._boxes = np.array([a[:4] for a in flat], np.float32).reshape(-1, 4)
         self._labels = np.array([a[4] for a in flat], np.int32)
         self._crowd = np.array([a[5] for a in flat], bool)
+        # Compressed RLE strings (masks=True) as one blob + offsets: compact, and cheap to pickle.
+        rle_lengths = np.array([len(a[6]) for a in flat], np.int64)
+        self._rle_offsets = np.concatenate([[0], np.cumsum(rle_lengths)])
+        self._rle_blob = b"".join(a[6] for a in flat)
         self.stats = {"dropped": len(dropped), "clipped": len(clipped)}
         if dropped:
             ann_id, image_id, bbox, why = dropped[0]
@@ -189,7 +217,20 @@ class CocoJsonSource:
                 f"{self.annotation_file} declares (height, width)={expected}"
             )
         t = self.targets(index)
-        return make_example(image, t["boxes"], t["labels"], image_id, t["is_crowd"], t["difficult"])
+        masks = self.instance_masks(index) if self.masks else None
+        return make_example(image, t["boxes"], t["labels"], image_id, t["is_crowd"], t["difficult"], masks)
+
+    def instance_masks(self, index: int):
+        """uint8 [N, H, W] binary masks of record `index` (needs masks=True), rows as `targets(index)`."""
+        if not self.masks:
+            raise ValueError(f"{self!r} was built without masks=True")
+        height, width = self.image_hw(index)
+        lo, hi = self._offsets[index], self._offsets[index + 1]
+        rles = [
+            {"size": [height, width], "counts": self._rle_blob[self._rle_offsets[k] : self._rle_offsets[k + 1]]}
+            for k in range(lo, hi)
+        ]
+        return decode_rles(rles, height, width)
 
     def coco_gt(self) -> dict:
         """The annotation file's own content (re-read from disk), for pycocotools' `COCO`."""

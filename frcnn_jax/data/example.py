@@ -10,12 +10,15 @@
 | "is_crowd" | bool [N] (COCO crowd regions; False elsewhere) |
 | "difficult" | bool [N] (VOC "difficult"; False elsewhere) |
 | "image_id" | int, the dataset's own id (COCO image id; the index for shapes) |
+| "masks" | only from a source built with `masks=True`: uint8 [N, H, W] binary instance masks (original pixels) |
 
 Every source also has `num_object_classes` (the object classes, WITHOUT background; the
 model's `num_classes` counts background too: num_object_classes + 1), `category_names` (the name of
 label i at index i - 1; no background entry, unlike a checkpoint's `class_names`, whose
 index is the label and entry 0 the background), `label_to_category_id` (label -> the
 dataset's category id) and `coco_gt()` (COCO-format ground truth for evaluation, see `coco_gt.py`).
+Sources that can give instance masks have `has_masks = True` (shapes, COCO JSON) and take
+`masks=True`; tfds `coco/2017` has `has_masks = False`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 EXAMPLE_KEYS = ("image", "boxes", "labels", "is_crowd", "difficult", "image_id")
 
 
-def make_example(image, boxes, labels, image_id, is_crowd=None, difficult=None) -> dict:
+def make_example(image, boxes, labels, image_id, is_crowd=None, difficult=None, masks=None) -> dict:
     """Builds a record with the canonical dtypes.
 
     Args:
@@ -34,12 +37,13 @@ def make_example(image, boxes, labels, image_id, is_crowd=None, difficult=None) 
       labels: [N] labels 1..K.
       image_id: int.
       is_crowd, difficult: optional [N] bools (default all False).
+      masks: optional [N, H, W] binary instance masks (stored as uint8 under "masks").
     Returns:
-      dict with the keys of EXAMPLE_KEYS (see the module docstring).
+      dict with the keys of EXAMPLE_KEYS (see the module docstring), and "masks" when given.
     """
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     n = boxes.shape[0]
-    return {
+    example = {
         "image": np.asarray(image, np.uint8),
         "boxes": boxes,
         "labels": np.asarray(labels, np.int32).reshape(n),
@@ -47,6 +51,9 @@ def make_example(image, boxes, labels, image_id, is_crowd=None, difficult=None) 
         "difficult": np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool).reshape(n),
         "image_id": int(image_id),
     }
+    if masks is not None:
+        example["masks"] = np.asarray(masks, np.uint8).reshape((n,) + example["image"].shape[:2])
+    return example
 
 
 def validate_example(example: dict, num_object_classes: int | None = None) -> None:
@@ -80,5 +87,11 @@ def validate_example(example: dict, num_object_classes: int | None = None) -> No
     labels = example["labels"]
     if n and (labels.min() < 1 or (num_object_classes is not None and labels.max() > num_object_classes)):
         raise ValueError(f"{where}: 'labels' must lie in 1..{num_object_classes}, got {labels.min()}..{labels.max()}")
+    if "masks" in example:
+        masks = example["masks"]
+        if masks.dtype != np.uint8 or masks.shape != (n,) + image.shape[:2]:
+            raise ValueError(
+                f"{where}: 'masks' must be uint8 [{n}, {image.shape[0]}, {image.shape[1]}], got {masks.dtype} {masks.shape}"
+            )
     if not isinstance(example["image_id"], (int, np.integer)):
         raise ValueError(f"{where}: 'image_id' must be an int, got {type(example['image_id'])}")

@@ -22,6 +22,8 @@ Batch (numpy), B = batch_size, G = max_gt, (Hc, Wc) the batch's canvas:
 | "is_crowd", "difficult" | bool [B, G] |
 | "image_id" | int64 [B] the dataset's image id (-1 for padding examples) |
 | "valid" | bool [B] False for the padding examples that fill an eval batch |
+| "gt_masks" | only with mask_size = S > 0: uint8 [B, G, S, S] each instance's mask cropped to its crop box, round(255 x value) (`masks.crop_instance_masks`; zeros in padding) |
+| "gt_mask_boxes" | only with mask_size > 0: float32 [B, G, 4] the crop boxes (x1, y1, x2, y2) in canvas pixels |
 
 Per image (`_PrepareExample`, in the grain workers): read the record, choose min_size
 (training with a tuple: one value per image, drawn from the image's RNG like torchvision's
@@ -78,6 +80,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from frcnn_jax.data.masks import crop_instance_masks, pad_masks
 from frcnn_jax.data.transforms import (
     check_canvases,
     choose_canvas,
@@ -91,6 +94,7 @@ from frcnn_jax.data.transforms import hflip as flip_horizontally
 BATCH_KEYS = (
     "image", "image_size", "orig_size", "boxes", "labels", "gt_valid", "is_crowd", "difficult", "image_id", "valid",
 )  # fmt: skip
+MASK_BATCH_KEYS = ("gt_masks", "gt_mask_boxes")  # added with mask_size > 0
 
 
 class _PrepareExample:
@@ -103,11 +107,12 @@ class _PrepareExample:
     position), "valid" bool. Source index -1 gives a padding example.
     """
 
-    def __init__(self, source, *, seed, train, min_sizes, max_size, canvases, max_gt, hflip=True):
+    def __init__(self, source, *, seed, train, min_sizes, max_size, canvases, max_gt, hflip=True, mask_size=0):
         self.source = source
         self.seed, self.train, self.hflip = seed, train, hflip
         self.min_sizes, self.max_size = min_sizes, max_size
         self.canvases, self.max_gt = canvases, max_gt
+        self.mask_size = mask_size
 
     def __call__(self, position: int, item) -> dict:
         stream_position, source_index = int(item[0]), int(item[1])
@@ -134,6 +139,13 @@ class _PrepareExample:
         out = pad_targets(
             boxes, ex["labels"], ex["is_crowd"], self.max_gt, difficult=ex["difficult"], image_id=image_id
         )
+        if self.mask_size:
+            # Only the rows pad_targets keeps are cropped; the crops follow the resize and flip above.
+            k = min(len(boxes), self.max_gt)
+            crops, crop_boxes = crop_instance_masks(
+                ex["masks"][:k], new_hw, flip, self.mask_size, fallback_boxes=boxes[:k]
+            )
+            out.update(pad_masks(crops, crop_boxes, self.max_gt))
         out.update(
             image=np.ascontiguousarray(resized),
             canvas=np.asarray(canvas, np.int32),
@@ -148,6 +160,8 @@ class _PrepareExample:
     def padding(self, canvas, position=-1) -> dict:
         """An invalid example for `canvas`: no image, no targets, sizes = canvas."""
         out = pad_targets(np.zeros((0, 4)), np.zeros(0), np.zeros(0), self.max_gt)
+        if self.mask_size:
+            out.update(pad_masks(np.zeros((0, self.mask_size, self.mask_size)), np.zeros((0, 4)), self.max_gt))
         out.update(
             image=np.zeros((0, 0, 3), np.float32),
             canvas=np.asarray(canvas, np.int32),
@@ -169,7 +183,7 @@ def collate(examples: Sequence[dict], canvas: tuple[int, int], batch_size: int, 
             h, w = ex["image"].shape[:2]
             image[i, :h, :w] = ex["image"]
     batch = {"image": image}
-    for key in BATCH_KEYS[1:]:
+    for key in BATCH_KEYS[1:] + (MASK_BATCH_KEYS if prepare.mask_size else ()):
         batch[key] = np.stack([ex[key] for ex in examples])
     return batch
 
@@ -263,6 +277,7 @@ def build_dataset(
     prefetch_batches: int = 2,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    mask_size: int = 0,
 ) -> grain.IterDataset:
     """The input pipeline as a grain `IterDataset` of numpy batches (format in the module doc).
 
@@ -286,6 +301,8 @@ def build_dataset(
       shard_index, shard_count: this host and the number of hosts (default
         `jax.process_index()`, `jax.process_count()`): training prepares this host's rows
         of each global batch, eval this host's shard of the source (see the module doc).
+      mask_size: S > 0 adds "gt_masks" and "gt_mask_boxes" (instance masks cropped at S x S,
+        see `masks.py`); the source must give masks (built with masks=True). 0: boxes only.
     Returns:
       grain.IterDataset; `iter(ds)` gives an iterator with `get_state()` / `set_state()`.
       Prefer `build_iterator`, whose `BatchIterator` also closes grain's workers at exit.
@@ -302,6 +319,10 @@ def build_dataset(
     if not min_sizes or min(min_sizes) < 1 or max_size < 1:
         raise ValueError(f"min_size and max_size must be >= 1, got min_size={min_size}, max_size={max_size}")
     canvases = check_canvases(canvases)
+    mask_size = int(mask_size)
+    if mask_size and (mask_size < 3 or not getattr(source, "masks", False)):
+        why = "must be >= 3" if mask_size < 3 else f"{source!r} gives no instance masks (build it with masks=True)"
+        raise ValueError(f"mask_size={mask_size}: {why}")
     if shard_index is None or shard_count is None:
         import jax  # only for the host defaults
 
@@ -320,7 +341,7 @@ def build_dataset(
 
     prepare = _PrepareExample(
         source, seed=seed, train=train, min_sizes=min_sizes,
-        max_size=int(max_size), canvases=canvases, max_gt=int(max_gt), hflip=bool(hflip),
+        max_size=int(max_size), canvases=canvases, max_gt=int(max_gt), hflip=bool(hflip), mask_size=mask_size,
     )  # fmt: skip
     if train:
         stream = grain.MapDataset.range(n).shuffle(seed=seed).repeat()

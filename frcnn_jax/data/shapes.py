@@ -103,6 +103,11 @@ def _tight_box(mask, x0: int, y0: int):
     return np.array([x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1], np.float64)
 
 
+def visible_masks(owner, count: int):
+    """int32 [H, W] instance map (-1 background) -> uint8 [count, H, W] one binary mask per shape."""
+    return (np.asarray(owner)[None] == np.arange(count, dtype=np.int32)[:, None, None]).astype(np.uint8)
+
+
 class ShapesDataset:
     """Random-access synthetic detection dataset; `ds[i]` returns the record of `example.py`.
 
@@ -118,7 +123,11 @@ class ShapesDataset:
       max_aspect: nominal aspect ratios are log-uniform in [1 / max_aspect, max_aspect].
       classes: the shape classes to use, a subset of SHAPE_NAMES in any order
         (label i + 1 = classes[i]).
+      masks: records carry "masks" uint8 [N, H, W]: each shape's exact visible pixels
+        (those no later shape painted over), whose tight box is its ground-truth box.
     """
+
+    has_masks = True
 
     def __init__(
         self,
@@ -133,6 +142,7 @@ class ShapesDataset:
         max_iou: float = 0.3,
         max_aspect: float = 1.5,
         classes: Sequence[str] = SHAPE_NAMES,
+        masks: bool = False,
     ):
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
@@ -158,6 +168,7 @@ class ShapesDataset:
         self.category_names = list(classes)
         self.num_object_classes = len(self.category_names)
         self.label_to_category_id = {i + 1: i + 1 for i in range(self.num_object_classes)}
+        self.masks = bool(masks)
 
     def __len__(self) -> int:
         return self.num_images
@@ -169,7 +180,10 @@ class ShapesDataset:
         )
 
     def __getitem__(self, index) -> dict:
-        return self.render_with_masks(index)[0]
+        example, owner = self.render_with_masks(index)
+        if self.masks:
+            example["masks"] = visible_masks(owner, len(example["labels"]))
+        return example
 
     def render_with_masks(self, index: int):
         """The record of image `index` and its instance map.
@@ -240,12 +254,16 @@ class ShapesDataset:
         return example, owner
 
     def coco_gt(self) -> dict:
-        """COCO-format ground truth of the whole split (renders every image once)."""
+        """COCO-format ground truth of the whole split (renders every image once).
+
+        With masks=True the annotations also hold each shape's visible pixels as
+        `segmentation` (compressed RLE) and their count as `area` (box area otherwise).
+        """
         height, width = self.image_size
 
         def entries():
             for i in range(self.num_images):
-                ex = self.render_with_masks(i)[0]
+                ex = self[i]
                 yield {
                     "image_id": i,
                     "height": height,
@@ -254,6 +272,7 @@ class ShapesDataset:
                     "boxes": ex["boxes"],
                     "labels": ex["labels"],
                     "is_crowd": ex["is_crowd"],
+                    "masks": ex.get("masks"),  # with masks=True: segmentations, mask areas
                 }
 
         return coco_gt_from_targets(entries(), self.category_names, self.label_to_category_id)

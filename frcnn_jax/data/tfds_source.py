@@ -113,6 +113,8 @@ class TfdsSource:
       data_dir: tfds data folder (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
     """
 
+    has_masks = False  # the tfds COCO and VOC features carry boxes only
+
     def __init__(self, name: str, split: str, data_dir: str | None = None):
         if name not in SUPPORTED:
             raise ValueError(f"unknown tfds dataset name {name!r}; supported: {sorted(SUPPORTED)}")
