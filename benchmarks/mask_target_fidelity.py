@@ -1,6 +1,7 @@
 """How close the S x S crop targets come to torchvision's `project_masks_on_boxes`, on coco128's polygons.
 
     python benchmarks/mask_target_fidelity.py [--annotations=FILE] [--crop_size=112] [--mask_size=28]
+    python benchmarks/mask_target_fidelity.py --smoke    # 4 images, 1 jitter (the test suite runs it)
 
 For every non-crowd annotation of the COCO JSON (coco128's original annotations by
 default; only the images' sizes are read, never their pixels): the mask is decoded with
@@ -135,13 +136,25 @@ def main(argv=None):
     parser.add_argument("--mask_size", type=int, default=28, help="M, the mask head's output size")
     parser.add_argument("--jitters", type=int, default=4, help="jittered ROIs per ground-truth box")
     parser.add_argument("--max_images", type=int, default=0, help="0: all")
+    parser.add_argument("--smoke", action="store_true", help="4 images, 1 jittered ROI per box")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.max_images, args.jitters = 4, 1
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _timing import machine_line, print_table
+
     result = measure(
         args.annotations, crop_size=args.crop_size, mask_size=args.mask_size, jitters=args.jitters,
         max_images=args.max_images,
     )  # fmt: skip
     print(json.dumps({"crop_size": args.crop_size, "mask_size": args.mask_size, **result}))
+    print_table(
+        f"Mask-target fidelity: S x S host crops vs torchvision project_masks_on_boxes; {machine_line()}",
+        ["S", "M", "images", "ROIs", "mean abs diff", "worst ROI MAD", "IoU pooled", "IoU per-ROI mean"],
+        [[args.crop_size, args.mask_size, result["images"], result["rois"], f"{result['mad']:.4f}",
+          f"{result['worst_roi_mad']:.4f}", f"{result['iou_pooled']:.4f}", f"{result['iou_mean_per_roi']:.4f}"]],
+    )  # fmt: skip
     return 0
 
 
