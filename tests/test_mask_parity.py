@@ -104,5 +104,5 @@ def test_jitted_forward_masks(pair, torch):
     err = np.abs(ours - ref)
     print(f"\n{pair['arch']} jitted forward: {valid.sum()} detections, max |prob diff| {err.max():.2e}, "
           f"99th percentile {np.quantile(err, 0.99):.2e}, binary agreement {((ours > 0.5) == (ref > 0.5)).mean():.5f}")  # fmt: skip
-    assert err.max() <= 2e-3, err.max()
+    assert err.max() <= 1e-3, err.max()  # measured: FPN 1.25e-4, C4 8.8e-5 (000000000009.jpg)
     assert ((ours > 0.5) == (ref > 0.5)).mean() >= 0.999

@@ -1,9 +1,12 @@
-"""Faster R-CNN: backbone -> RPN -> ROI heads, for inference (`__call__`) and training (`losses`).
+"""Faster R-CNN: backbone -> RPN -> ROI heads, for inference (`__call__`) and training (`losses`);
+Mask R-CNN when `cfg.mask.enabled` (the ROI heads add the mask branch of `mask_head.py`).
 
 A thin composition of the stages beside it (`rpn.py`, `roi_heads.py` each own their
-inference and training paths). The parameter tree mirrors torchvision's module names
+inference and training paths); `architectures.architecture(cfg)` says which backbone,
+poolers and heads `cfg.arch` uses. The parameter tree mirrors torchvision's module names
 (`backbone/body/...`, `backbone/fpn/...`, `rpn/head/...`, `roi_heads/box_head/...`,
-`roi_heads/box_predictor/...`; `param_paths.py` holds what depends on them), and frozen
+`roi_heads/box_predictor/...`, `roi_heads/mask_head/...`, `roi_heads/mask_predictor/...`;
+`param_paths.py` holds what depends on them), and frozen
 batch-norm statistics live in the `"frozen"` collection:
 
     variables = init_variables(model, rng)                    # {"params", "frozen"}
