@@ -261,7 +261,8 @@ def infer_model_config(arch: str, state_dict: dict[str, np.ndarray], **overrides
         recipe = model_config.r50_c4
         cfg = {"anchors.sizes": sizes.get(num_anchors, ()), "backbone.bn_eps": 1e-5}
     if mask:
-        recipe = {"fasterrcnn_resnet50_fpn": model_config.maskrcnn_r50_fpn}.get(arch, model_config.maskrcnn_r50_c4)
+        fpn = arch == "fasterrcnn_resnet50_fpn"
+        recipe = model_config.maskrcnn_r50_fpn if fpn else model_config.maskrcnn_r50_c4
         cfg.update(_mask_head_fields(arch, state_dict, shape, int(num_classes)))
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     model_cfg = recipe(num_classes=int(num_classes), **cfg)
@@ -394,8 +395,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     parser.add_argument(
         "--bn-eps", type=float, default=None,
-        help="frozen batch-norm eps (default: 0.0 for fasterrcnn_resnet50_fpn and maskrcnn_resnet50_fpn, as torchvision's COCO "
-        "weights; 1e-5 otherwise)",
+        help="frozen batch-norm eps (default: 0.0 for fasterrcnn_resnet50_fpn and maskrcnn_resnet50_fpn, as "
+        "torchvision's COCO weights; 1e-5 otherwise)",
     )  # fmt: skip
     parser.add_argument(
         "--anchor-sizes", type=float, nargs="+", default=None,

@@ -55,6 +55,9 @@ def test_fpn_both_key_layouts(torch, fpn_sd, tmp_path):
     assert cfg == model_config.maskrcnn_r50_fpn(num_classes=91, **{"backbone.bn_eps": 0.0})
     assert meta["arch"] == "maskrcnn_resnet50_fpn" and meta["class_names"][1] == "person"
     _check_fpn_mask(v, fpn_sd)
+    from frcnn_jax.detector import Detector
+
+    assert Detector.from_checkpoint(out).model_config.mask.enabled  # rebuilds the Mask R-CNN model
     # files written before torchvision 0.13: mask_head.mask_fcn{1..4}
     old = {re.sub(r"^roi_heads\.mask_head\.(\d)\.0\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.", k): a
            for k, a in fpn_sd.items()}  # fmt: skip
