@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import jax
 
+from frcnn_jax.modeling.architectures import architecture
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.resnet import frozen_param_prefixes
 
 TRUNK = ("backbone", "body")
-C4_BOX_HEAD_LAYER4 = ("roi_heads", "box_head", "layer4")
+BOX_HEAD = ("roi_heads", "box_head")
 
 
 def frozen_param_paths(cfg: ModelConfig) -> tuple[str, ...]:
@@ -40,8 +41,7 @@ def with_imagenet_backbone(variables: dict, backbone: dict, cfg: ModelConfig) ->
         body = _at(out[coll], TRUNK)
         for name in list(body):
             body[name] = backbone[coll][name]
-    if cfg.arch == "c4":  # layer4 is the box head
+    for stage in architecture(cfg).box_head_trunk_stages:  # C4: layer4 is the box head
         for coll in ("params", "frozen"):
-            head = _at(out[coll], C4_BOX_HEAD_LAYER4[:-1])
-            head[C4_BOX_HEAD_LAYER4[-1]] = backbone[coll]["layer4"]
+            _at(out[coll], BOX_HEAD)[stage] = backbone[coll][stage]
     return out
