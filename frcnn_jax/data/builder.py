@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from frcnn_jax.data import transforms
+from frcnn_jax.data import custom, transforms
 from frcnn_jax.data.pipeline import build_iterator
 
 SOURCES = ("shapes", "coco_json", "tfds")
@@ -28,8 +28,8 @@ def validate_data_config(data) -> None:
     def fail(field, why):
         raise ValueError(f"data.{field}={data[field]!r}: {why}")
 
-    if data.source not in SOURCES:
-        fail("source", f"must be one of {SOURCES}")
+    if data.source not in SOURCES and not custom.is_factory_spec(data.source):
+        fail("source", f"must be one of {SOURCES} or a Python factory 'module.path:function'")
     for name in ("batch_size", "eval_batch_size", "max_gt", "max_size", "test_min_size"):
         if int(data[name]) < 1:
             fail(name, "must be >= 1")
@@ -42,8 +42,13 @@ def validate_data_config(data) -> None:
         fail("num_workers", str(e))
     try:
         transforms.check_canvases(data.canvases)
+        # every image the resize rule can produce (training and evaluation sizes) has a canvas
+        transforms.check_canvases_cover(data.canvases, (*sizes, int(data.test_min_size)), int(data.max_size))
     except ValueError as e:
-        raise ValueError(f"data.canvases={data.canvases!r}: {e}") from None
+        raise ValueError(
+            f"data.canvases={data.canvases!r}: {e} (data.min_size={data.min_size!r}, "
+            f"data.test_min_size={data.test_min_size!r}, data.max_size={data.max_size!r})"
+        ) from None
     if data.source == "coco_json":
         for split in SPLITS:
             for key in (f"{split}_annotations", f"{split}_images"):
@@ -91,7 +96,11 @@ def _num_workers(data) -> int:
 
 
 def build_source(data, split: str = "train") -> Any:
-    """The random-access source of `split` ("train" or "val") described by `data`."""
+    """The random-access source of `split` ("train" or "val") described by `data`.
+
+    `data.source` is "shapes", "coco_json", "tfds", or "module.path:function": a Python
+    factory called as function(split, data) that returns a source (`custom.py`).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if data.source == "shapes":
@@ -111,7 +120,9 @@ def build_source(data, split: str = "train") -> Any:
 
         t = data.tfds
         return TfdsSource(t.name, t.train_split if split == "train" else t.val_split, data_dir=t.data_dir or None)
-    raise ValueError(f"data.source={data.source!r}: must be one of {SOURCES}")
+    if custom.is_factory_spec(data.source):
+        return custom.source_from_factory(data.source, split, data)
+    raise ValueError(f"data.source={data.source!r}: must be one of {SOURCES} or 'module.path:function'")
 
 
 def _min_sizes(data):
