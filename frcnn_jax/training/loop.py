@@ -49,6 +49,7 @@ import orbax.checkpoint as ocp
 
 from frcnn_jax import model_checkpoint, run_checkpoint
 from frcnn_jax.data import builder as data_lib
+from frcnn_jax.data import custom as custom_sources
 from frcnn_jax.evaluation.model_eval import evaluate_model, make_forward, predictions_png
 from frcnn_jax.evaluation.report import write_detections_json
 from frcnn_jax.modeling import config as model_config
@@ -199,7 +200,12 @@ def _abstract(tree, sharding_):
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir, *, stop_after_steps: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir,
+    *,
+    stop_after_steps: int | None = None,
+    train_source=None,
+    eval_source=None,
 ) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates.
 
@@ -209,17 +215,30 @@ def train_and_evaluate(
         loss_curve.png, eval_final.json, eval_detections.json, detections.png.
       stop_after_steps: stop (as if interrupted) after this many steps of this call,
         after checkpointing; the next call resumes. None runs to train.num_steps.
+      train_source, eval_source: Python data sources (the protocol of
+        `frcnn_jax.data.custom`) used instead of the ones `config.data.source` builds
+        (each independently; None: from the config). A resumed run must be given the
+        same sources (its input position is an index into them).
     Returns:
       the final evaluation metrics (AP, AP50, ... per_class), or {} if stopped early.
     """
     workdir = pathlib.Path(workdir)
     # Everything is checked before anything is written.
     model_cfg, optim_cfg = validate_config(config)
-    train_source = data_lib.build_source(config.data, "train")
-    val_source = data_lib.build_source(config.data, "val")
+    data_name = "train_source" if train_source is not None else config.data.source
+    train_source = (
+        data_lib.build_source(config.data, "train")
+        if train_source is None
+        else custom_sources.as_source(train_source, "train_source")
+    )
+    val_source = (
+        data_lib.build_source(config.data, "val")
+        if eval_source is None
+        else custom_sources.as_source(eval_source, "eval_source")
+    )
     if train_source.num_object_classes + 1 != model_cfg.num_classes:
         raise ValueError(
-            f"model.num_classes={model_cfg.num_classes} but the {config.data.source} data has "
+            f"model.num_classes={model_cfg.num_classes} but the {data_name} data has "
             f"{train_source.num_object_classes} classes (+1 background = {train_source.num_object_classes + 1})"
         )
     mesh = sharding.data_mesh()
