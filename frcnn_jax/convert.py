@@ -8,8 +8,8 @@ Architectures:
   fasterrcnn_resnet50_c4   a torchvision `FasterRCNN` assembled as the R-50-C4 model:
                            backbone.body.{conv1,bn1,layer1..3}.*, rpn.head.*,
                            roi_heads.box_head.layer4.*, roi_heads.box_predictor.*.
-  resnet50                 a plain ImageNet ResNet-50 state dict, as backbone
-                           initialisation for training (fc.* is ignored).
+  resnet50, resnet101      a plain ImageNet ResNet-50 / ResNet-101 state dict, as backbone
+                           initialisation for training (`train.init_backbone`; fc.* is ignored).
 
 The file is read with `torch.load(..., weights_only=True)`: a checkpoint never runs code.
 Layouts are converted (OIHW -> HWIO convolutions, transposed linear layers, FPN fc6
@@ -36,7 +36,9 @@ from frcnn_jax.modeling import config as model_config
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 
-STATE_DICT_ARCHS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_c4", "resnet50")
+# Plain ImageNet ResNets (backbone initialisation): arch -> depth.
+RESNET_ARCHS = {"resnet50": 50, "resnet101": 101}
+STATE_DICT_ARCHS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_c4", *RESNET_ARCHS)
 # torchvision buffers/keys that carry no model state for inference.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -194,7 +196,9 @@ def detect_arch(state_dict: dict[str, np.ndarray]) -> str | None:
     if any(k.startswith("roi_heads.box_head.layer4.") for k in keys):
         return "fasterrcnn_resnet50_c4"
     if any(k.startswith("layer1.") for k in keys) and "conv1.weight" in state_dict:
-        return "resnet50"
+        # the depths differ in layer3's block count: 6 (R-50), 23 (R-101)
+        blocks = {int(k.split(".")[1]) for k in keys if k.startswith("layer3.") and k.split(".")[1].isdigit()}
+        return {6: "resnet50", 23: "resnet101"}.get(len(blocks))
     return None
 
 
@@ -299,10 +303,11 @@ def convert(
         raise ConversionError(f"unknown --arch {arch!r}; choose one of {STATE_DICT_ARCHS}")
     sd = load_state_dict(checkpoint)
     meta: dict[str, Any] = {"source": f"torchvision {arch} state dict {pathlib.Path(checkpoint).name}", "arch": arch}
-    if arch == "resnet50":
+    if arch in RESNET_ARCHS:
         check_arch(arch, sd)
-        variables = convert_resnet(sd, 50)
-        meta.update(kind="resnet_backbone", depth=50, bn_eps=1e-5 if bn_eps is None else bn_eps)
+        depth = RESNET_ARCHS[arch]
+        variables = convert_resnet(sd, depth)
+        meta.update(kind="resnet_backbone", depth=depth, bn_eps=1e-5 if bn_eps is None else bn_eps)
         return ckpt.save_model(out, variables, None, meta)
     overrides = {"backbone.bn_eps": bn_eps}
     if anchor_sizes:
