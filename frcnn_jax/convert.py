@@ -15,8 +15,8 @@ Architectures:
                            the box head's res5: roi_heads.mask_head.* (present when the model
                            was assembled from torchvision parts) must equal
                            roi_heads.box_head.layer4.*.
-  resnet50                 a plain ImageNet ResNet-50 state dict, as backbone
-                           initialisation for training (fc.* is ignored).
+  resnet50, resnet101      a plain ImageNet ResNet-50 / ResNet-101 state dict, as backbone
+                           initialisation for training (`train.init_backbone`; fc.* is ignored).
 
 The file is read with `torch.load(..., weights_only=True)`: a checkpoint never runs code.
 Layouts are converted (OIHW -> HWIO convolutions, transposed linear layers, FPN fc6
@@ -43,8 +43,11 @@ from frcnn_jax.modeling import config as model_config
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 
+# Plain ImageNet ResNets (backbone initialisation): arch -> depth.
+RESNET_ARCHS = {"resnet50": 50, "resnet101": 101}
 STATE_DICT_ARCHS = (
-    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_c4", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_c4", "resnet50"
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_c4", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_c4",
+    *RESNET_ARCHS,
 )  # fmt: skip
 _MASK_ARCHS = {"maskrcnn_resnet50_fpn": "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_c4": "fasterrcnn_resnet50_c4"}
 _C4_SHARED = ("roi_heads.mask_head.", "roi_heads.box_head.layer4.")  # one module under two names
@@ -211,7 +214,9 @@ def detect_arch(state_dict: dict[str, np.ndarray]) -> str | None:
     if any(k.startswith("roi_heads.box_head.layer4.") for k in keys):
         return "maskrcnn_resnet50_c4" if mask else "fasterrcnn_resnet50_c4"
     if any(k.startswith("layer1.") for k in keys) and "conv1.weight" in state_dict:
-        return "resnet50"
+        # the depths differ in layer3's block count: 6 (R-50), 23 (R-101)
+        blocks = {int(k.split(".")[1]) for k in keys if k.startswith("layer3.") and k.split(".")[1].isdigit()}
+        return {6: "resnet50", 23: "resnet101"}.get(len(blocks))
     return None
 
 
@@ -369,10 +374,11 @@ def convert(
         raise ConversionError(f"unknown --arch {arch!r}; choose one of {STATE_DICT_ARCHS}")
     sd = load_state_dict(checkpoint)
     meta: dict[str, Any] = {"source": f"torchvision {arch} state dict {pathlib.Path(checkpoint).name}", "arch": arch}
-    if arch == "resnet50":
+    if arch in RESNET_ARCHS:
         check_arch(arch, sd)
-        variables = convert_resnet(sd, 50)
-        meta.update(kind="resnet_backbone", depth=50, bn_eps=1e-5 if bn_eps is None else bn_eps)
+        depth = RESNET_ARCHS[arch]
+        variables = convert_resnet(sd, depth)
+        meta.update(kind="resnet_backbone", depth=depth, bn_eps=1e-5 if bn_eps is None else bn_eps)
         return ckpt.save_model(out, variables, None, meta)
     overrides = {"backbone.bn_eps": bn_eps}
     if anchor_sizes:
