@@ -6,6 +6,12 @@ Run a model over a dataset split and evaluate it:
   python eval.py --checkpoint=WORKDIR --out=OUT        # a training run: its own config
 
 DIR is a model checkpoint (`python -m frcnn_jax.convert`) or a training work directory.
+The model (architecture, weights, post-process) is the checkpoint's; --score_thresh,
+--nms_thresh and --detections_per_img (or --config.model.roi_heads.postprocess.<field>
+with --config) replace its `roi_heads.postprocess` values in the compiled model, e.g.
+--score_thresh=0.0 keeps boxes the trained default 0.05 drops. Other --config.model.*
+overrides are refused in this mode. --print_config prints the resolved config (the
+--config file with its overrides, else the work directory's config.json) and exits.
 Inference is batched and jitted (config.data.eval_batch_size, one compile per canvas)
 with a progress bar. VOC datasets additionally report VOC mAP (2007 11-point and
 area-under-curve, both labelled) in OUT/voc_metrics.json.
@@ -57,6 +63,12 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("checkpoint", None, "Model mode: model checkpoint directory or training work directory.")
 flags.DEFINE_enum("split", "val", ["train", "val"], "Model mode: dataset split to evaluate.")
 flags.DEFINE_integer("max_images", 0, "Model mode: evaluate only the first N images (0: all).")
+flags.DEFINE_float("score_thresh", None, "Model mode: keep detections scoring above this (default: the checkpoint's).")
+flags.DEFINE_float("nms_thresh", None, "Model mode: IoU of the per-class NMS (default: the checkpoint's).")
+flags.DEFINE_integer(
+    "detections_per_img", None, "Model mode: at most this many detections per image (default: the checkpoint's)."
+)
+flags.DEFINE_bool("print_config", False, "Print the resolved config (YAML-like, as ml_collections prints it) and exit.")
 
 flags.DEFINE_string("annotations", None, "COCO-format ground-truth JSON (e.g. instances_val2017.json).")
 flags.DEFINE_string(
@@ -115,12 +127,47 @@ def _print_and_write(result, out: str) -> int:
     return 0
 
 
-def evaluate_checkpoint(config, checkpoint: str, split: str, out: str, max_images: int) -> int:
-    """The model mode: batched jitted inference over `split`, COCO (and VOC) metrics."""
+POSTPROCESS_FIELDS = ("score_thresh", "nms_thresh", "detections_per_img")
+_POSTPROCESS_PREFIX = "--config.model.roi_heads.postprocess."
+
+
+def postprocess_from_argv(argv, config, flag_values: dict) -> dict:
+    """The post-process settings of the command line: {field: value} (fields not given are absent).
+
+    `--config.model.roi_heads.postprocess.<field>` overrides in argv take their (parsed)
+    value from `config`; the plain flags (`flag_values`, None when not given) win over
+    them. Raises ValueError for another `--config.model.*` override (the model comes
+    from the checkpoint) or a bad value.
+    """
+    out = {}
+    for arg in argv:
+        if not arg.startswith("--config.model."):
+            continue
+        path = arg[len("--config.") :].split("=", 1)[0]
+        if not arg.startswith(_POSTPROCESS_PREFIX):
+            raise ValueError(
+                f"--config.{path}: the model comes from --checkpoint; only --config.model.roi_heads.postprocess.* "
+                "(or --score_thresh, --nms_thresh, --detections_per_img) apply in this mode"
+            )
+        field = path.rsplit(".", 1)[-1]
+        out[field] = config.model.roi_heads.postprocess[field]
+    out.update({k: v for k, v in flag_values.items() if v is not None})
+    return out
+
+
+def evaluate_checkpoint(
+    config, checkpoint: str, split: str, out: str, max_images: int, postprocess: dict | None = None
+) -> int:
+    """The model mode: batched jitted inference over `split`, COCO (and VOC) metrics.
+
+    postprocess: {score_thresh, nms_thresh, detections_per_img} replacing the checkpoint
+    model's `roi_heads.postprocess` values (missing ones are kept).
+    """
     import ml_collections
 
     from frcnn_jax import model_checkpoint, run_checkpoint
     from frcnn_jax.data import builder
+    from frcnn_jax.detector import with_postprocess
     from frcnn_jax.evaluation import report
     from frcnn_jax.evaluation.model_eval import evaluate_model
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN
@@ -131,6 +178,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out: str, max_image
         model_cfg, variables, meta = model_checkpoint.load_model(checkpoint)
         if model_cfg is None:
             return _fail(f"{checkpoint} holds a backbone only ({meta.get('kind')}), not a detector")
+        model_cfg = with_postprocess(model_cfg, **(postprocess or {}))
         if config is None:
             config = ml_collections.ConfigDict(run_checkpoint.read_config(checkpoint))
         builder.validate_data_config(config.data)
@@ -153,6 +201,9 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out: str, max_image
     is_voc = getattr(source, "kind", None) == "voc"
     print(f"Evaluating {checkpoint} on {config.data.source} {split} ({len(source)} images"
           f"{f', first {max_images}' if max_images else ''}), {model_cfg.arch} model, {model_cfg.num_classes} classes")  # fmt: skip
+    post = model_cfg.roi_heads.postprocess
+    print(f"Post-process: score_thresh {post.score_thresh}, nms_thresh {post.nms_thresh}, "
+          f"detections_per_img {post.detections_per_img}")  # fmt: skip
     out_eval = evaluate_model(
         FasterRCNN(model_cfg),
         variables,
@@ -170,9 +221,28 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out: str, max_image
     return code
 
 
+def print_config(config, checkpoint: str | None) -> int:
+    """--print_config: the --config file with its overrides, else the work directory's config.json."""
+    if config is None:
+        if not checkpoint:
+            return _fail("--print_config needs --config or --checkpoint=WORKDIR (a training run)", 2)
+        import ml_collections
+
+        from frcnn_jax import run_checkpoint
+
+        try:
+            config = ml_collections.ConfigDict(run_checkpoint.read_config(checkpoint))
+        except (FileNotFoundError, ValueError) as e:
+            return _fail(str(e))
+    print(config, end="")
+    return 0
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         return _fail(f"unexpected arguments {argv[1:]} (use --flag=value; see --help)", 2)
+    if FLAGS.print_config:
+        return print_config(FLAGS.config, FLAGS.checkpoint)
     if not FLAGS.out:
         return _fail("missing --out (see --help)", 2)
     if FLAGS.checkpoint:
@@ -181,7 +251,15 @@ def main(argv) -> int:
         compilation_cache.enable()
         if FLAGS.annotations or FLAGS.detections:
             return _fail("--checkpoint (model mode) cannot be combined with --annotations/--detections", 2)
-        return evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint, FLAGS.split, FLAGS.out, FLAGS.max_images)
+        try:
+            postprocess = postprocess_from_argv(
+                sys.argv, FLAGS.config, {name: FLAGS[name].value for name in POSTPROCESS_FIELDS}
+            )
+        except ValueError as e:
+            return _fail(str(e), 2)
+        return evaluate_checkpoint(
+            FLAGS.config, FLAGS.checkpoint, FLAGS.split, FLAGS.out, FLAGS.max_images, postprocess
+        )
     missing = [f"--{name}" for name in ("annotations", "detections") if not FLAGS[name].value]
     if missing:
         return _fail(f"missing {', '.join(missing)}, or --checkpoint for the model mode (see --help)", 2)

@@ -1,6 +1,10 @@
 """Train Faster R-CNN.
 
     python train.py --workdir=DIR [--config=configs/default.py] [--config.field=value ...]
+    python train.py --config=configs/x.py [--config.field=value ...] --print_config   # show, exit
+
+Every field of the config (configs/common.py documents them) can be overridden as
+--config.<dotted.path>=value; --print_config prints the resolved config and exits.
 
 With no --config, trains the default small R-18-FPN on the built-in shapes dataset
 (no downloads). Rerunning the same command resumes from the latest checkpoint in DIR
@@ -46,12 +50,20 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port) for jax.distributed.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (the --config file with its --config.* overrides) and exit."
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.print_config:
+        print(FLAGS.config, end="")
+        return 0
+    if not FLAGS.workdir:
+        print("error: missing --workdir=DIR (where checkpoints and outputs go; see --help)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames at INFO
     from frcnn_jax import compilation_cache

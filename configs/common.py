@@ -75,6 +75,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 0  # 0: evaluate only at the end
     config.train.eval_max_images = 0  # 0: the whole validation split
     config.train.init_backbone = ""  # converted ImageNet ResNet (`python -m frcnn_jax.convert --arch resnet50`)
+    # Start from a detector's weights (not its step or optimiser state): a converted one
+    # (`python -m frcnn_jax.convert --arch fasterrcnn_resnet50_fpn ...` output) or another
+    # run's work directory (its latest checkpoint). Arrays whose path and shape match are
+    # loaded; with another model.num_classes the class-dependent layers (the box predictor,
+    # modeling/param_paths.py CLASS_DEPENDENT) are re-initialised; any other mismatch is an
+    # error naming the parameter. Applied at step 0 only: a rerun resumes from the workdir.
+    config.train.init_checkpoint = ""
+    # Parameters that never train, besides model.backbone.freeze_at: a regular expression
+    # re.match-ed against each '/'-joined parameter path ("" = none). "backbone/" trains the
+    # RPN and box head only; "backbone/|rpn/" the box head only. Must match some parameter.
+    config.train.freeze = ""
     config.train.visualize = 8  # validation images drawn into WORKDIR/detections.png at the end
     config.train.async_checkpoint = True  # orbax writes in the background; the last save is awaited
     config.train.prefetch = 2  # batches placed on the devices ahead of the running step

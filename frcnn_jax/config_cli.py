@@ -67,10 +67,36 @@ def missing_path(config: Any, path: str) -> bool:
     return False
 
 
+def leaf_paths(config: Any, prefix: str = "") -> list[str]:
+    """The dotted paths of `config`'s leaves (the fields that hold values), e.g. ["data.batch_size", ...]."""
+    paths = []
+    for name, child in (_children(config) or {}).items():
+        if _children(child) is None:
+            paths.append(f"{prefix}{name}")
+        else:
+            paths.extend(leaf_paths(child, f"{prefix}{name}."))
+    return paths
+
+
 def nearest_path(config: Any, path: str) -> str | None:
-    """The existing dotted path of `config` most similar to `path` (difflib), or None."""
-    matches = difflib.get_close_matches(path, config_paths(config), n=1, cutoff=0.6)
-    return matches[0] if matches else None
+    """The existing dotted path of `config` most similar to `path` (difflib), or None.
+
+    Leaves come first: those under the deepest section that `path` names correctly
+    ("optim.lr" -> "optim.base_lr", not "optim"), then every leaf, then sections.
+    """
+    parts = path.split(".")
+    node, depth = config, 0
+    while depth < len(parts) - 1 and _children(node) is not None and parts[depth] in _children(node):
+        node, depth = _children(node)[parts[depth]], depth + 1
+    pools = []
+    if depth and _children(node) is not None:
+        pools.append(leaf_paths(node, ".".join(parts[:depth]) + "."))
+    pools += [leaf_paths(config), config_paths(config)]
+    for pool in pools:
+        matches = difflib.get_close_matches(path, pool, n=1, cutoff=0.6)
+        if matches:
+            return matches[0]
+    return None
 
 
 def _overrides(argv: Sequence[str]) -> list[str]:
@@ -117,3 +143,43 @@ def exit_on_unknown_override(argv: Sequence[str], default_config: str | None = N
     if message:
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+# --- inference settings shared by the argparse CLIs (predict, export) -------------------
+
+POSTPROCESS_FLAGS = {  # flag -> (ModelConfig.roi_heads.postprocess field, type, help)
+    "--score-thresh": ("score_thresh", float, "keep detections scoring above this, in [0, 1]"),
+    "--nms-thresh": ("nms_thresh", float, "IoU of the per-class NMS, in [0, 1]"),
+    "--detections-per-img": ("detections_per_img", int, "at most this many detections per image"),
+}
+
+
+def add_postprocess_arguments(parser, defaults: Mapping[str, Any] | None = None) -> None:
+    """Adds --score-thresh, --nms-thresh, --detections-per-img (the model's roi_heads.postprocess).
+
+    defaults: field -> default value (e.g. {"score_thresh": 0.5}); a field without one
+    defaults to None, i.e. the checkpoint's own value. --score-threshold stays as a
+    deprecated alias of --score-thresh.
+    """
+    defaults = dict(defaults or {})
+    for flag, (field, kind, text) in POSTPROCESS_FLAGS.items():
+        names = [flag, "--score-threshold"] if field == "score_thresh" else [flag]
+        default = defaults.get(field)
+        suffix = f" (default: {default})" if default is not None else " (default: the checkpoint's)"
+        parser.add_argument(*names, dest=field, type=kind, default=default, help=text + suffix)
+
+
+def postprocess_overrides(args) -> dict[str, Any]:
+    """{field: value} of the post-process flags of parsed `args` (None: not given); ValueError names a bad one."""
+    out = {}
+    for flag, (field, _, _) in POSTPROCESS_FLAGS.items():
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if field == "detections_per_img":
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        elif not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} must be in [0, 1], got {value}")
+        out[field] = value
+    return out

@@ -8,8 +8,15 @@ Architectures:
   fasterrcnn_resnet50_c4   a torchvision `FasterRCNN` assembled as the R-50-C4 model:
                            backbone.body.{conv1,bn1,layer1..3}.*, rpn.head.*,
                            roi_heads.box_head.layer4.*, roi_heads.box_predictor.*.
-  resnet50                 a plain ImageNet ResNet-50 state dict, as backbone
-                           initialisation for training (fc.* is ignored).
+  maskrcnn_resnet50_fpn    torchvision's maskrcnn_resnet50_fpn (v1): the FPN keys plus
+                           roi_heads.mask_head.{0..3}.0.* (files before torchvision 0.13:
+                           roi_heads.mask_head.mask_fcn{1..4}.*) and roi_heads.mask_predictor.*.
+  maskrcnn_resnet50_c4     the R-50-C4 keys plus roi_heads.mask_predictor.*; the mask head is
+                           the box head's res5: roi_heads.mask_head.* (present when the model
+                           was assembled from torchvision parts) must equal
+                           roi_heads.box_head.layer4.*.
+  resnet50, resnet101      a plain ImageNet ResNet-50 / ResNet-101 state dict, as backbone
+                           initialisation for training (`train.init_backbone`; fc.* is ignored).
 
 The file is read with `torch.load(..., weights_only=True)`: a checkpoint never runs code.
 Layouts are converted (OIHW -> HWIO convolutions, transposed linear layers, FPN fc6
@@ -36,7 +43,14 @@ from frcnn_jax.modeling import config as model_config
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 
-STATE_DICT_ARCHS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_c4", "resnet50")
+# Plain ImageNet ResNets (backbone initialisation): arch -> depth.
+RESNET_ARCHS = {"resnet50": 50, "resnet101": 101}
+STATE_DICT_ARCHS = (
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_c4", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_c4",
+    *RESNET_ARCHS,
+)  # fmt: skip
+_MASK_ARCHS = {"maskrcnn_resnet50_fpn": "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_c4": "fasterrcnn_resnet50_c4"}
+_C4_SHARED = ("roi_heads.mask_head.", "roi_heads.box_head.layer4.")  # one module under two names
 # torchvision buffers/keys that carry no model state for inference.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -111,6 +125,9 @@ def _candidates(collection: str, path: tuple[str, ...]) -> list[str]:
         keys.insert(0, f"{base}.0.{name}")
     if tuple(modules[-2:]) == ("head", "conv") and modules[0] == "rpn":
         keys.insert(0, f"{base}.0.0.{name}")
+    # torchvision < 0.13 named the FPN mask head's convs mask_fcn1..4 (now mask_head.{i}.0).
+    if tuple(modules[:2]) == ("roi_heads", "mask_head") and len(modules) == 4 and modules[2].isdigit():
+        keys.insert(0, f"roi_heads.mask_head.mask_fcn{int(modules[2]) + 1}.{name}")
     return keys
 
 
@@ -118,6 +135,8 @@ def _transform(path: tuple[str, ...], value: np.ndarray, fc6_side: int) -> np.nd
     """torchvision layout -> ours for the variable at `path`."""
     if path[-1] != "kernel":
         return value
+    if value.ndim == 4 and path[-2] == "conv5_mask":  # ConvTranspose2d [in, out, kh, kw] -> [kh, kw, in, out]
+        return value.transpose(2, 3, 0, 1)
     if value.ndim == 4:  # conv OIHW -> HWIO
         return value.transpose(2, 3, 1, 0)
     if path[-2] == "fc6":
@@ -189,12 +208,15 @@ def convert_variables(
 def detect_arch(state_dict: dict[str, np.ndarray]) -> str | None:
     """Which of STATE_DICT_ARCHS a state dict looks like (by its key families), or None."""
     keys = list(state_dict)
+    mask = any(k.startswith("roi_heads.mask_predictor.") for k in keys)
     if any(k.startswith("backbone.fpn.") for k in keys):
-        return "fasterrcnn_resnet50_fpn"
+        return "maskrcnn_resnet50_fpn" if mask else "fasterrcnn_resnet50_fpn"
     if any(k.startswith("roi_heads.box_head.layer4.") for k in keys):
-        return "fasterrcnn_resnet50_c4"
+        return "maskrcnn_resnet50_c4" if mask else "fasterrcnn_resnet50_c4"
     if any(k.startswith("layer1.") for k in keys) and "conv1.weight" in state_dict:
-        return "resnet50"
+        # the depths differ in layer3's block count: 6 (R-50), 23 (R-101)
+        blocks = {int(k.split(".")[1]) for k in keys if k.startswith("layer3.") and k.split(".")[1].isdigit()}
+        return {6: "resnet50", 23: "resnet101"}.get(len(blocks))
     return None
 
 
@@ -225,6 +247,8 @@ def infer_model_config(arch: str, state_dict: dict[str, np.ndarray], **overrides
 
     num_classes = shape("roi_heads.box_predictor.cls_score.weight")[0]
     num_anchors = shape("rpn.head.cls_logits.weight")[0]
+    mask = arch in _MASK_ARCHS
+    arch = _MASK_ARCHS.get(arch, arch)
     if arch == "fasterrcnn_resnet50_fpn":
         recipe = model_config.r50_fpn
         cfg = {"backbone.bn_eps": 0.0, "roi_heads.representation_size": shape("roi_heads.box_head.fc6.weight")[0]}
@@ -241,6 +265,10 @@ def infer_model_config(arch: str, state_dict: dict[str, np.ndarray], **overrides
             )
         recipe = model_config.r50_c4
         cfg = {"anchors.sizes": sizes.get(num_anchors, ()), "backbone.bn_eps": 1e-5}
+    if mask:
+        fpn = arch == "fasterrcnn_resnet50_fpn"
+        recipe = model_config.maskrcnn_r50_fpn if fpn else model_config.maskrcnn_r50_c4
+        cfg.update(_mask_head_fields(arch, state_dict, shape, int(num_classes)))
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     model_cfg = recipe(num_classes=int(num_classes), **cfg)
     if model_cfg.num_anchors_per_location != num_anchors:
@@ -251,11 +279,58 @@ def infer_model_config(arch: str, state_dict: dict[str, np.ndarray], **overrides
     return model_cfg
 
 
+def _mask_head_fields(arch: str, state_dict, shape, num_classes: int) -> dict[str, Any]:
+    """The mask section's sizes read from a Mask R-CNN state dict (conv channels, predictor channels)."""
+    logits = shape("roi_heads.mask_predictor.mask_fcn_logits.weight")
+    if logits[0] != num_classes:
+        raise ConversionError(
+            f"roi_heads.mask_predictor.mask_fcn_logits has {logits[0]} classes, "
+            f"roi_heads.box_predictor.cls_score {num_classes}"
+        )
+    fields: dict[str, Any] = {"mask.predictor_channels": int(shape("roi_heads.mask_predictor.conv5_mask.weight")[1])}
+    if arch == "fasterrcnn_resnet50_fpn":
+        channels = []
+        for i in range(len(state_dict)):
+            key = next(
+                (k for k in (f"roi_heads.mask_head.{i}.0.weight", f"roi_heads.mask_head.mask_fcn{i + 1}.weight")
+                 if k in state_dict), None,
+            )  # fmt: skip
+            if key is None:
+                break
+            channels.append(int(state_dict[key].shape[0]))
+        fields["mask.conv_channels"] = tuple(channels)
+    return fields
+
+
+def check_shared_res5(state_dict: dict[str, np.ndarray]):
+    """C4 Mask R-CNN: every `roi_heads.mask_head.*` must equal its `roi_heads.box_head.layer4.*` twin.
+
+    Raises ConversionError naming the first key (in file order) without an equal twin.
+    """
+    mask_prefix, box_prefix = _C4_SHARED
+    for key, value in state_dict.items():
+        if not key.startswith(mask_prefix) or key.endswith(_IGNORED_SUFFIXES):
+            continue
+        twin = box_prefix + key[len(mask_prefix) :]
+        if twin not in state_dict:
+            raise ConversionError(
+                f"{key} has no twin {twin}: the C4 mask head is the box head's res5 (the same parameters)"
+            )
+        if state_dict[twin].shape != value.shape or not np.array_equal(state_dict[twin], value):
+            raise ConversionError(
+                f"{key} differs from {twin}: the C4 mask head is the box head's res5 (the same parameters)"
+            )
+
+
 def convert_detector(state_dict, arch: str, **overrides) -> tuple[ModelConfig, dict]:
     """torchvision detector state dict -> (ModelConfig, variables)."""
     cfg = infer_model_config(arch, state_dict, **overrides)
+    ignore = lambda k: False  # noqa: E731
+    if arch == "maskrcnn_resnet50_c4":
+        check_shared_res5(state_dict)
+        ignore = lambda k: k.startswith(_C4_SHARED[0])  # noqa: E731
     template = jax.tree.map(np.asarray, init_variables(FasterRCNN(cfg), jax.random.key(0)))
-    return cfg, convert_variables(state_dict, template, fc6_side=cfg.roi_heads.pooler.resolution)
+    return cfg, convert_variables(state_dict, template, ignore=ignore, fc6_side=cfg.roi_heads.pooler.resolution)
 
 
 def convert_resnet(state_dict, depth: int = 50) -> dict:
@@ -299,10 +374,11 @@ def convert(
         raise ConversionError(f"unknown --arch {arch!r}; choose one of {STATE_DICT_ARCHS}")
     sd = load_state_dict(checkpoint)
     meta: dict[str, Any] = {"source": f"torchvision {arch} state dict {pathlib.Path(checkpoint).name}", "arch": arch}
-    if arch == "resnet50":
+    if arch in RESNET_ARCHS:
         check_arch(arch, sd)
-        variables = convert_resnet(sd, 50)
-        meta.update(kind="resnet_backbone", depth=50, bn_eps=1e-5 if bn_eps is None else bn_eps)
+        depth = RESNET_ARCHS[arch]
+        variables = convert_resnet(sd, depth)
+        meta.update(kind="resnet_backbone", depth=depth, bn_eps=1e-5 if bn_eps is None else bn_eps)
         return ckpt.save_model(out, variables, None, meta)
     overrides = {"backbone.bn_eps": bn_eps}
     if anchor_sizes:
@@ -325,8 +401,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     parser.add_argument(
         "--bn-eps", type=float, default=None,
-        help="frozen batch-norm eps (default: 0.0 for fasterrcnn_resnet50_fpn, as torchvision's COCO "
-        "weights; 1e-5 otherwise)",
+        help="frozen batch-norm eps (default: 0.0 for fasterrcnn_resnet50_fpn and maskrcnn_resnet50_fpn, as "
+        "torchvision's COCO weights; 1e-5 otherwise)",
     )  # fmt: skip
     parser.add_argument(
         "--anchor-sizes", type=float, nargs="+", default=None,

@@ -10,6 +10,11 @@ std, short side `min_size`, long side at most `max_size`), done on the host; eac
 resized image is zero-padded into a static canvas, the model runs jitted (one compile
 per canvas shape and batch size) and boxes come back in original image pixels.
 
+Post-processing: `score_thresh`, `nms_thresh` and `detections_per_img` (torchvision's
+`box_score_thresh` / `box_nms_thresh` / `box_detections_per_img`) replace the model
+config's `roi_heads.postprocess` values in the COMPILED post-process, so a threshold
+below the trained default (0.05) keeps more boxes; None keeps the model's value.
+
 Canvases: by default each image is padded to the next multiple of 32 (torchvision's
 `size_divisible`), which reproduces torchvision's single-image results exactly and
 compiles once per distinct padded shape. Pass `canvases=[(H, W), ...]` (multiples of
@@ -20,6 +25,7 @@ that holds it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -59,6 +65,33 @@ def padded_canvas(h: int, w: int, divisible: int = 32) -> tuple[int, int]:
     return (math.ceil(h / divisible) * divisible, math.ceil(w / divisible) * divisible)
 
 
+def with_postprocess(
+    model_config: ModelConfig,
+    *,
+    score_thresh: float | None = None,
+    nms_thresh: float | None = None,
+    detections_per_img: int | None = None,
+) -> ModelConfig:
+    """`model_config` with the given `roi_heads.postprocess` fields replaced (None: kept).
+
+    Raises ValueError naming the field ("score_thresh=1.5: must be in [0, 1]",
+    "detections_per_img=0: must be a positive integer").
+    """
+    changes = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "detections_per_img": detections_per_img}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    for name in ("score_thresh", "nms_thresh"):
+        if name in changes and not (isinstance(changes[name], (int, float)) and 0.0 <= changes[name] <= 1.0):
+            raise ValueError(f"{name}={changes[name]!r}: must be in [0, 1]")
+    if "detections_per_img" in changes:
+        v = changes["detections_per_img"]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"detections_per_img={v!r}: must be a positive integer")
+        changes["detections_per_img"] = int(v)
+    if not changes:
+        return model_config
+    return model_config.updated({f"roi_heads.postprocess.{k}": v for k, v in changes.items()})
+
+
 class BatchedDetector:
     """Host side of inference, shared by `Detector` and `frcnn_jax.export`'s loader.
 
@@ -68,8 +101,9 @@ class BatchedDetector:
     output dict, host or device arrays) and sets the attributes named below.
 
     Attributes a subclass sets: min_size, max_size (resize rule), canvases (None: pad to
-    multiples of 32, or a list of (H, W)), batch_size (images per call),
-    score_threshold. `_call_batch(n)`: the batch dimension of a call holding n images
+    multiples of 32, or a list of (H, W)), batch_size (images per call), score_thresh
+    (detections scoring at most this are dropped on the host; a no-op when it equals
+    the compiled post-process's threshold). `_call_batch(n)`: the batch dimension of a call holding n images
     (default `batch_size`: partial batches are padded with (32, 32) zero images).
     """
 
@@ -77,7 +111,7 @@ class BatchedDetector:
     max_size: int
     canvases: list[tuple[int, int]] | None
     batch_size: int
-    score_threshold: float
+    score_thresh: float
 
     def _forward(self, canvas: tuple[int, int], images: np.ndarray, sizes: np.ndarray) -> dict:
         raise NotImplementedError
@@ -127,6 +161,12 @@ class BatchedDetector:
                     results[i] = det
         return results[0] if single else results
 
+    def check_canvases_cover(self) -> None:
+        """Raises ValueError when some image could resize to a shape no canvas holds (see
+        `transforms.check_canvases_cover`); a no-op without canvases (pad to multiples of 32)."""
+        if self.canvases is not None:
+            transforms.check_canvases_cover(self.canvases, self.min_size, self.max_size)
+
     def _run(self, canvas, items):
         b = self._call_batch(len(items))
         images = np.zeros((b, *canvas, 3), np.float32)
@@ -135,18 +175,22 @@ class BatchedDetector:
             images[k] = transforms.pad_to_canvas(norm, canvas)
             sizes[k] = size
         out = jax.device_get(self._forward(canvas, images, sizes))
-        dets = []
-        for k, (_, size, orig) in enumerate(items):
-            keep = out["valid"][k] & (out["scores"][k] >= self.score_threshold)
-            boxes = transforms.resize_boxes(out["boxes"][k][keep], size, orig)  # back to original pixels
-            dets.append(
-                {
-                    "boxes": boxes,
-                    "scores": out["scores"][k][keep].astype(np.float32),
-                    "labels": out["labels"][k][keep].astype(np.int32),
-                }
-            )
-        return dets
+        return [self._result(out, k, size, orig) for k, (_, size, orig) in enumerate(items)]
+
+    def _result(self, out: dict, k: int, size: tuple[int, int], orig: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Entry k of a batched model output -> one image's detections in original pixels.
+
+        out: host arrays boxes [B, D, 4] (resized-image pixels), scores [B, D], labels
+        [B, D], valid [B, D]. size: (h, w) of the resized image; orig: (H, W) of the
+        original. Returns {"boxes" [K, 4] float32, "scores" [K] float32, "labels" [K]
+        int32}: the valid detections scoring above `score_thresh`, in the model's order.
+        """
+        keep = out["valid"][k] & (out["scores"][k] > self.score_thresh)
+        return {
+            "boxes": transforms.resize_boxes(out["boxes"][k][keep], size, orig),  # back to original pixels
+            "scores": out["scores"][k][keep].astype(np.float32),
+            "labels": out["labels"][k][keep].astype(np.int32),
+        }
 
 
 class Detector(BatchedDetector):
@@ -158,8 +202,16 @@ class Detector(BatchedDetector):
       min_size, max_size: resize rule (short side, cap on the long side).
       canvases: None (pad to multiples of 32) or a list of (H, W) canvas shapes.
       batch_size: images per compiled call (a partial batch is padded).
-      score_threshold: drop detections scoring below this (on top of the model's
-        own `roi_heads.postprocess.score_thresh`).
+      score_thresh, nms_thresh, detections_per_img: the post-process of this detector
+        (None: the model config's `roi_heads.postprocess` value). They are compiled into
+        the model (detections need score > score_thresh; per-class NMS at IoU
+        nms_thresh; at most detections_per_img per image), so a score_thresh below the
+        trained default keeps boxes the default drops. `score_threshold` is a
+        deprecated alias of score_thresh.
+
+    Attributes: model_config (with the post-process above), score_thresh, nms_thresh,
+    detections_per_img (the values in effect), min_size, max_size, canvases, batch_size,
+    class_names, label_to_category_id.
     """
 
     def __init__(
@@ -173,8 +225,18 @@ class Detector(BatchedDetector):
         max_size: int = 1333,
         canvases: Sequence[tuple[int, int]] | None = None,
         batch_size: int = 1,
-        score_threshold: float = 0.0,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        detections_per_img: int | None = None,
+        score_threshold: float | None = None,
     ):
+        if score_threshold is not None:
+            warnings.warn("Detector(score_threshold=) is deprecated; use score_thresh=", DeprecationWarning, 2)
+            if score_thresh is None:
+                score_thresh = score_threshold
+        model_config = with_postprocess(
+            model_config, score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img
+        )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if canvases is not None:
@@ -189,7 +251,9 @@ class Detector(BatchedDetector):
         self.min_size, self.max_size = int(min_size), int(max_size)
         self.canvases = [tuple(int(v) for v in c) for c in canvases] if canvases is not None else None
         self.batch_size = int(batch_size)
-        self.score_threshold = float(score_threshold)
+        post = model_config.roi_heads.postprocess
+        self.score_thresh, self.nms_thresh = float(post.score_thresh), float(post.nms_thresh)
+        self.detections_per_img = int(post.detections_per_img)
         self._apply = jax.jit(lambda v, images, sizes: self.model.apply(v, images, sizes))
 
     @classmethod

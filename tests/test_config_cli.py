@@ -51,3 +51,53 @@ def test_cli_typo_is_one_line_with_the_nearest_field(cmd):
     lines = r.stderr.strip().splitlines()
     assert lines == ["error: --config.data.hflipp: no such field; did you mean data.hflip?"], r.stderr
     assert "Traceback" not in r.stderr and not pathlib.Path("/tmp/frcnn-never-created").exists()
+
+
+def test_suggestions_prefer_leaf_fields():
+    argv = ["train.py", f"--config={REPO}/configs/default.py", "--config.optim.lr=0.1"]
+    assert config_cli.unknown_override_message(argv) == "--config.optim.lr: no such field; did you mean optim.base_lr?"
+    cfg = _nested()
+    assert config_cli.leaf_paths(cfg) == ["model.arch", "model.rpn.nms_thresh", "model.rpn.pre_nms_top_n.train", "seed"]
+    assert config_cli.nearest_path(cfg, "model.rpn.nms") == "model.rpn.nms_thresh"  # not the section model.rpn
+    assert config_cli.nearest_path(cfg, "modle.arch") == "model.arch"
+
+
+def _run(*cmd):
+    return subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def test_print_config_shows_the_resolved_config_and_exits(tmp_path):
+    r = _run("train.py", "--config=configs/shapes_c4.py", "--config.optim.base_lr=0.123", "--print_config")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "base_lr: 0.123" in r.stdout and "canvases:" in r.stdout and "num_steps:" in r.stdout
+    r = _run("eval.py", "--config=tests/tiny_config.py", "--config.model.roi_heads.postprocess.score_thresh=0.0",
+             "--print_config")  # fmt: skip
+    assert r.returncode == 0 and "score_thresh: 0.0" in r.stdout, r.stderr[-2000:]
+
+
+def test_train_one_line_errors_at_start(tmp_path):
+    r = _run("train.py", "--config=tests/tiny_config.py")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: missing --workdir=DIR (where checkpoints and outputs go; see --help)"
+    ], r.stderr
+    r = _run("train.py", "--config=tests/tiny_config.py", f"--workdir={tmp_path / 'w'}", "--config.data.max_size=256")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: data.canvases=((128, 128),): no canvas holds a landscape image resized to (h, w)=(128, 256) "
+        "(min_size 128, max_size 256); add a canvas of at least (128, 256) (data.min_size=(128,), "
+        "data.test_min_size=128, data.max_size=256)"
+    ], r.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_canvases_cover_the_resize_rule():
+    from frcnn_jax.data import transforms
+
+    transforms.check_canvases_cover([(800, 1344), (1344, 800)], (640, 800), 1333)
+    transforms.check_canvases_cover([(128, 128)], 128, 128)
+    transforms.check_canvases_cover([(608, 1024), (1024, 608)], 600, 1000)
+    with pytest.raises(ValueError, match=r"portrait image resized to \(h, w\)=\(1333, 800\).*at least \(1344, 800\)"):
+        transforms.check_canvases_cover([(800, 1344)], 800, 1333)
+    with pytest.raises(ValueError, match=r"landscape image resized to \(h, w\)=\(800, 1333\)"):
+        transforms.check_canvases_cover([(800, 1088), (1344, 800)], (600, 800), 1333)
+    # the shape it names is reached: an image of that aspect ratio resizes to it
+    assert transforms.resized_hw(1600, 2666, 800, 1333) == (800, 1333)

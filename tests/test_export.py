@@ -129,15 +129,16 @@ def test_artifact_gives_exactly_the_detectors_detections(loaded, r50):
             assert g[key].dtype == r[key].dtype and np.array_equal(g[key], r[key]), (name, key)
         h, w = r50["photos"][PHOTOS.index(name)].shape[:2]
         assert g["boxes"][:, 2].max() <= w + 1e-3 and g["boxes"][:, 3].max() <= h + 1e-3  # original pixels
-    # Detector's score threshold semantics: scores >= threshold kept, order unchanged.
+    # the loader's score_thresh (at or above the compiled one): scores > threshold kept, order unchanged.
+    assert det.score_thresh == ref_det.score_thresh == det.sidecar["score_thresh"]
     thr = float(np.median(ref[0]["scores"]))
-    det.score_threshold = thr
+    compiled, det.score_thresh = det.score_thresh, thr
     try:
         for g, r in zip(det(r50["photos"]), ref):
-            keep = r["scores"] >= thr
+            keep = r["scores"] > thr
             assert np.array_equal(g["scores"], r["scores"][keep]) and np.array_equal(g["boxes"], r["boxes"][keep])
     finally:
-        det.score_threshold = 0.0
+        det.score_thresh = compiled
 
 
 def _recipe_code() -> str:

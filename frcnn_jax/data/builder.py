@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from frcnn_jax.data import transforms
+from frcnn_jax.data import custom, transforms
 from frcnn_jax.data.pipeline import build_iterator
 
 SOURCES = ("shapes", "coco_json", "tfds")
@@ -28,8 +28,8 @@ def validate_data_config(data) -> None:
     def fail(field, why):
         raise ValueError(f"data.{field}={data[field]!r}: {why}")
 
-    if data.source not in SOURCES:
-        fail("source", f"must be one of {SOURCES}")
+    if data.source not in SOURCES and not custom.is_factory_spec(data.source):
+        fail("source", f"must be one of {SOURCES} or a Python factory 'module.path:function'")
     for name in ("batch_size", "eval_batch_size", "max_gt", "max_size", "test_min_size"):
         if int(data[name]) < 1:
             fail(name, "must be >= 1")
@@ -42,12 +42,18 @@ def validate_data_config(data) -> None:
         fail("num_workers", str(e))
     try:
         transforms.check_canvases(data.canvases)
+        # every image the resize rule can produce (training and evaluation sizes) has a canvas
+        transforms.check_canvases_cover(data.canvases, (*sizes, int(data.test_min_size)), int(data.max_size))
     except ValueError as e:
-        raise ValueError(f"data.canvases={data.canvases!r}: {e}") from None
+        raise ValueError(
+            f"data.canvases={data.canvases!r}: {e} (data.min_size={data.min_size!r}, "
+            f"data.test_min_size={data.test_min_size!r}, data.max_size={data.max_size!r})"
+        ) from None
     if data.get("masks", False):
         if int(data.get("mask_size", 112)) < 3:
             fail("mask_size", "must be >= 3")
-        if not _source_class(data.source).has_masks:
+        # built-in sources are checked here; a Python factory's source when it is built (build_source)
+        if data.source in SOURCES and not _source_class(data.source).has_masks:
             name = f"tfds {data.tfds.name}" if data.source == "tfds" else data.source
             raise ValueError(
                 f"data.masks=True: the source {name} (data.source={data.source!r}) carries no instance masks; "
@@ -128,8 +134,11 @@ def masks_wanted(data, split: str = "train") -> bool:
 def build_source(data, split: str = "train") -> Any:
     """The random-access source of `split` ("train" or "val") described by `data`.
 
-    With `data.masks` the training source carries instance masks (records' "masks"); a
-    source without masks (tfds) is a ValueError naming it.
+    `data.source` is "shapes", "coco_json", "tfds", or "module.path:function": a Python
+    factory called as function(split, data) that returns a source (`custom.py`). With
+    `data.masks` the training source carries instance masks (records' "masks"); a source
+    without masks (tfds, or a factory's source whose `has_masks` is not true) is a
+    ValueError naming it.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -153,7 +162,15 @@ def build_source(data, split: str = "train") -> Any:
 
         t = data.tfds
         return TfdsSource(t.name, t.train_split if split == "train" else t.val_split, data_dir=t.data_dir or None)
-    raise ValueError(f"data.source={data.source!r}: must be one of {SOURCES}")
+    if custom.is_factory_spec(data.source):
+        source = custom.source_from_factory(data.source, split, data)
+        if masks and not getattr(source, "has_masks", False):
+            raise ValueError(
+                f"data.masks=True: the source of data.source={data.source!r} carries no instance masks "
+                "(its has_masks is not true)"
+            )
+        return source
+    raise ValueError(f"data.source={data.source!r}: must be one of {SOURCES} or 'module.path:function'")
 
 
 def _min_sizes(data):

@@ -196,6 +196,30 @@ def check_canvases(canvases: Sequence[Sequence[int]], multiple: int = 32) -> tup
     return tuple(result)
 
 
+def check_canvases_cover(canvases: Sequence[Sequence[int]], min_size, max_size: int) -> None:
+    """Raises ValueError unless every image, resized by the rule, fits some canvas.
+
+    The resize rule (`resized_hw`) gives a short side <= min_size and a long side <=
+    max_size, and reaches (min(s, max_size), max_size) for the aspect ratio
+    max_size / s (s = the largest of `min_size`, an int or a sequence of them). The
+    canvases hold every resized image exactly when one holds that landscape shape
+    and one its portrait transpose.
+
+    Raises:
+      ValueError: "no canvas holds a landscape image resized to (h, w)=(800, 1333)
+      (min_size 800, max_size 1333); add a canvas of at least (800, 1344)".
+    """
+    sizes = [int(min_size)] if np.isscalar(min_size) else [int(s) for s in min_size]
+    short, long = min(max(sizes), int(max_size)), int(max_size)
+    for name, (h, w) in (("landscape", (short, long)), ("portrait", (long, short))):
+        if not any(int(ch) >= h and int(cw) >= w for ch, cw in canvases):
+            need = (-(-h // 32) * 32, -(-w // 32) * 32)
+            raise ValueError(
+                f"no canvas holds a {name} image resized to (h, w)=({h}, {w}) (min_size {max(sizes)}, max_size "
+                f"{long}); add a canvas of at least {need}"
+            )
+
+
 def choose_canvas(height: int, width: int, canvases: Sequence[Sequence[int]]) -> tuple[int, int]:
     """The smallest-area canvas (H, W) with H >= height and W >= width (first one on ties).
 

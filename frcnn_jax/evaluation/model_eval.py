@@ -164,9 +164,13 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
 
 
 def predictions_png(
-    model_cfg, variables, source, config, path, class_names, *, count: int | None = None, score_threshold: float = 0.5
+    model_cfg, variables, source, config, path, class_names, *, count: int | None = None, score_thresh: float = 0.5
 ):
-    """A grid PNG of the first `count` images of `source` with their detections ("name: score")."""
+    """A grid PNG of the first `count` images of `source` with their detections ("name: score").
+
+    score_thresh: only detections scoring above it are drawn (a filter on the model's
+    output: the program stays the evaluation's, no new compile).
+    """
     from PIL import Image
 
     from frcnn_jax.detector import Detector
@@ -175,12 +179,14 @@ def predictions_png(
     count = min(count or config.train.visualize, len(source))
     detector = Detector(
         model_cfg, _variables(variables), class_names=class_names, min_size=config.data.test_min_size,
-        max_size=config.data.max_size, canvases=config.data.canvases, score_threshold=score_threshold,
+        max_size=config.data.max_size, canvases=config.data.canvases,
         batch_size=config.data.eval_batch_size,  # the evaluation's program shape: no new compile
     )  # fmt: skip
     images = [source[i]["image"] for i in range(count)]
     tiles = []
     for im, d in zip(images, detector(images)):
+        keep = d["scores"] > score_thresh
+        d = {k: v[keep] for k, v in d.items()}
         scale = max(1, 256 // max(im.shape[:2]))  # small images (shapes: 128 px) drawn 2x for legible captions
         if scale > 1:
             im = np.repeat(np.repeat(im, scale, axis=0), scale, axis=1)

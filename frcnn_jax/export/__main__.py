@@ -2,14 +2,16 @@
 
     python -m frcnn_jax.export --checkpoint CKPT --out FILE --canvas HxW [--canvas HxW ...] --batch N
         [--platforms cpu,cuda,tpu] [--dtype float32|bfloat16] [--dynamic-batch]
-        [--min-size S] [--max-size S]
+        [--min-size S] [--max-size S] [--score-thresh T] [--nms-thresh T] [--detections-per-img N]
 
 CKPT is a converted model (`python -m frcnn_jax.convert`) or a training work directory.
 One canvas: FILE is the artifact; several: one artifact per canvas, `<stem>-HxW<suffix>`
 beside FILE. FILE.json (the sidecar) lists them with the preprocessing contract.
 `--dynamic-batch` makes the batch dimension symbolic (any B per call; N is then the
 loader's default number of images per call). Without --canvas, the checkpoint's own
-canvases (a training run's `data.canvases`) are used.
+canvases (a training run's `data.canvases`) are used. --score-thresh, --nms-thresh and
+--detections-per-img replace the checkpoint's `roi_heads.postprocess` values in the
+exported program (the sidecar records the values baked in).
 
 Exit codes: 0 written; 2 bad arguments (canvas, platform, dtype, batch, sizes, --out a
 directory); 1 the checkpoint cannot be used (missing, unreadable, backbone only) or the
@@ -22,6 +24,7 @@ import argparse
 import pathlib
 import sys
 
+from frcnn_jax.config_cli import add_postprocess_arguments, postprocess_overrides
 from frcnn_jax.export.artifact import DTYPES, PLATFORMS, parse_canvas, parse_platforms
 
 
@@ -48,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension (any B per call)")
     p.add_argument("--min-size", type=int, default=None, help="resize short side (default: checkpoint's or 800)")
     p.add_argument("--max-size", type=int, default=None, help="cap on the long side (default: checkpoint's or 1333)")
+    add_postprocess_arguments(p)
     return p
 
 
@@ -70,12 +74,14 @@ def main(argv=None) -> int:
         for flag, v in (("--min-size", args.min_size), ("--max-size", args.max_size)):
             if v is not None and v < 1:
                 raise ValueError(f"{flag} must be >= 1, got {v}")
+        postprocess = postprocess_overrides(args)
         if pathlib.Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a directory; give the artifact's file name")
     except ValueError as e:
         return _fail(str(e), 2)
 
     from frcnn_jax import model_checkpoint
+    from frcnn_jax.detector import with_postprocess
     from frcnn_jax.export import artifact
 
     try:
@@ -90,6 +96,7 @@ def main(argv=None) -> int:
         if not meta.get("canvases"):
             return _fail("--canvas is required (the checkpoint names no canvases)", 2)
         canvases = [tuple(int(v) for v in c) for c in meta["canvases"]]
+    cfg = with_postprocess(cfg, **postprocess)
     dtype = args.dtype or cfg.dtype
     min_size = args.min_size or int(meta.get("min_size", 800))
     max_size = args.max_size or int(meta.get("max_size", 1333))

@@ -191,6 +191,7 @@ def sidecar_document(
         "class_names": list(names) if names is not None else None,
         "label_to_category_id": metadata.get("label_to_category_id"),
         "score_thresh": model_config.roi_heads.postprocess.score_thresh,
+        "nms_thresh": model_config.roi_heads.postprocess.nms_thresh,
         "detections_per_img": model_config.roi_heads.postprocess.detections_per_img,
         "model": model_config.replace(dtype=dtype).to_dict(),
         "source": metadata.get("source"),

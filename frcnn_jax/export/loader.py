@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -56,13 +57,26 @@ class ExportedDetector(BatchedDetector):
     Args:
       sidecar: the sidecar document (`read_sidecar`).
       exported: canvas (H, W) -> `jax.export.Exported`.
-      score_threshold: drop detections scoring below this (on top of the model's own
-        `score_thresh`), as `Detector`.
+      score_thresh: keep detections scoring above this; None: the artifact's compiled
+        `score_thresh` (sidecar). The post-process is baked into the artifact, so a value
+        below the compiled one cannot add detections and raises ValueError (export again
+        with `--score-thresh`). `score_threshold` is a deprecated alias.
       batch_size: images per call; default the artifact's batch. A static-batch artifact
         takes at most its batch (partial batches are padded as `Detector` pads them).
     """
 
-    def __init__(self, sidecar: dict, exported: dict, *, score_threshold: float = 0.0, batch_size: int | None = None):
+    def __init__(
+        self,
+        sidecar: dict,
+        exported: dict,
+        *,
+        score_thresh: float | None = None,
+        batch_size: int | None = None,
+        score_threshold: float | None = None,
+    ):
+        if score_threshold is not None:
+            warnings.warn("score_threshold= is deprecated; use score_thresh=", DeprecationWarning, 2)
+            score_thresh = score_threshold if score_thresh is None else score_thresh
         self.sidecar = sidecar
         self.exported = {tuple(c): e for c, e in exported.items()}
         self.canvases = [tuple(c) for c in sidecar["canvases"]]
@@ -75,7 +89,15 @@ class ExportedDetector(BatchedDetector):
         self.batch_size = self.batch if batch_size is None else int(batch_size)
         if self.batch_size < 1 or (not self.dynamic_batch and self.batch_size > self.batch):
             raise ValueError(f"batch_size must be in 1..{self.batch} for this artifact, got {self.batch_size}")
-        self.score_threshold = float(score_threshold)
+        compiled = float(sidecar.get("score_thresh", 0.0))
+        self.score_thresh = compiled if score_thresh is None else float(score_thresh)
+        if self.score_thresh < compiled:
+            raise ValueError(
+                f"score_thresh={self.score_thresh}: below the artifact's compiled score_thresh {compiled}; "
+                "export again with --score-thresh to lower it"
+            )
+        self.nms_thresh = sidecar.get("nms_thresh")
+        self.detections_per_img = sidecar.get("detections_per_img")
         self._calls = {c: jax.jit(e.call) for c, e in self.exported.items()}
 
     def _call_batch(self, n: int) -> int:
@@ -85,13 +107,19 @@ class ExportedDetector(BatchedDetector):
         return self._calls[canvas](images, sizes)
 
 
-def load(path, *, score_threshold: float = 0.0, batch_size: int | None = None) -> ExportedDetector:
+def load(
+    path, *, score_thresh: float | None = None, batch_size: int | None = None, score_threshold: float | None = None
+) -> ExportedDetector:
     """Reads the artifact(s) named by `path` and its sidecar `path.json` -> `ExportedDetector`.
 
     path: the `--out` FILE given to `python -m frcnn_jax.export` (with several canvases the
-    per-canvas files beside it are read through the sidecar).
+    per-canvas files beside it are read through the sidecar). score_thresh, batch_size:
+    as `ExportedDetector`.
     """
     path = pathlib.Path(path)
     doc = read_sidecar(path)
     exported = {tuple(e["canvas"]): read_artifact(path.parent, e) for e in doc["artifacts"]}
-    return ExportedDetector(doc, exported, score_threshold=score_threshold, batch_size=batch_size)
+    if score_threshold is not None:
+        warnings.warn("score_threshold= is deprecated; use score_thresh=", DeprecationWarning, 2)
+        score_thresh = score_threshold if score_thresh is None else score_thresh
+    return ExportedDetector(doc, exported, score_thresh=score_thresh, batch_size=batch_size)

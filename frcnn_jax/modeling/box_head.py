@@ -26,10 +26,9 @@ class Res5Head(nn.Module):
     zero_init_residual: bool = False
     remat: bool = False
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         blocks = RESNET_SPECS[self.depth][1]
-        x = ResNetStage(
+        self.layer4 = ResNetStage(
             self.depth,
             self.width * 8,
             blocks[3],
@@ -39,9 +38,14 @@ class Res5Head(nn.Module):
             dtype=self.dtype,
             zero_init_residual=self.zero_init_residual,
             remat=self.remat,
-            name="layer4",
-        )(x.astype(self.dtype))
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        )
+
+    def features(self, x):
+        """[R, S, S, C] -> layer4's map [R, S/2, S/2, C_out] in the compute dtype (the C4 mask head shares it)."""
+        return self.layer4(x.astype(self.dtype))
+
+    def __call__(self, x):
+        return jnp.mean(self.features(x).astype(jnp.float32), axis=(1, 2))
 
 
 class TwoMLPHead(nn.Module):

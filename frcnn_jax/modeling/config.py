@@ -8,12 +8,14 @@
                                    min_size, score_thresh, assigner (AssignerConfig), box_loss_beta
       roi_heads  RoIHeadsConfig    pooler (PoolerConfig), representation_size, assigner (AssignerConfig),
                                    bbox_reg_weights, box_loss_beta, postprocess (PostprocessConfig)
+      mask       MaskHeadConfig    enabled (off: Faster R-CNN), pooler (PoolerConfig), conv_channels,
+                                   predictor_channels
 
 `configs/*.py` hold it as a nested ml_collections `ConfigDict` under `config.model` (so
 `--config.model.rpn.nms_thresh=0.6` overrides one field); `ModelConfig.from_dict` turns the
 nested mapping into this dataclass once, at construction, and the modules read plain values
 from their section. Unknown or ill-typed fields fail loudly, naming the dotted field.
-The recipes (`r50_c4`, `r50_fpn`) are the package's one source of the published models'
+The recipes (`r50_c4`, `r50_fpn`, `maskrcnn_r50_fpn`, `maskrcnn_r50_c4`) are the package's one source of the published models'
 settings: configs/*.py and the torchvision converter both start from them.
 """
 
@@ -145,6 +147,25 @@ class RoIHeadsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MaskHeadConfig:
+    """The Mask R-CNN branch (`modeling/mask_head.py`); off by default (Faster R-CNN).
+
+    The mask resolution M follows from the architecture: FPN pools `pooler.resolution`
+    (14) and the predictor's 2x2 stride-2 transposed conv doubles it (28); C4 runs the box
+    head's res5 (stride 2) first, so M = resolution (14). `conv_channels` are the FPN mask
+    head's 3x3 convs (torchvision: 4 x 256); C4 has none (its head is the shared res5).
+    """
+
+    enabled: bool = False
+    pooler: PoolerConfig = PoolerConfig(resolution=14, sampling_ratio=2, aligned=False)
+    conv_channels: tuple[int, ...] = (256, 256, 256, 256)
+    predictor_channels: int = 256  # conv5_mask (the transposed conv) output channels
+
+    def __post_init__(self):
+        object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Faster R-CNN hyperparameters. Defaults: maskrcnn-benchmark R-50-C4 on COCO."""
 
@@ -154,6 +175,7 @@ class ModelConfig:
     anchors: AnchorConfig = AnchorConfig()
     rpn: RPNConfig = RPNConfig()
     roi_heads: RoIHeadsConfig = RoIHeadsConfig()
+    mask: MaskHeadConfig = MaskHeadConfig()
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
     remat: str = "none"  # training memory/time trade-off: "none" | "backbone" | "all" (see REMAT_PARTS)
 
@@ -191,8 +213,15 @@ class ModelConfig:
         return replace_from_mapping(self, values, "model")
 
     def to_dict(self) -> dict[str, Any]:
-        """Nested plain dict (tuples as lists), as written to JSON and read back by `from_dict`."""
-        return _lists(dataclasses.asdict(self))
+        """Nested plain dict (tuples as lists), as written to JSON and read back by `from_dict`.
+
+        The `mask` section is left out while it is the default (off): a Faster R-CNN
+        config, checkpoint or artifact reads exactly as before the mask branch existed.
+        """
+        out = _lists(dataclasses.asdict(self))
+        if self.mask == MaskHeadConfig():
+            del out["mask"]
+        return out
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -255,6 +284,17 @@ class ModelConfig:
             fail("anchors.sizes", "must be positive")
         if not self.anchors.aspect_ratios or any(r <= 0 for r in self.anchors.aspect_ratios):
             fail("anchors.aspect_ratios", "must be positive")
+        if self.mask.enabled:
+            for path in ("mask.pooler.resolution", "mask.predictor_channels"):
+                v = get(path)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    fail(path, "must be a positive integer")
+            if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in self.mask.conv_channels):
+                fail("mask.conv_channels", "must be positive integers")
+            if self.arch == "c4" and self.mask.conv_channels:
+                fail("mask.conv_channels", "must be empty for C4 (its mask head is the box head's res5)")
+            if self.arch == "c4" and self.mask.pooler.resolution % 2:
+                fail("mask.pooler.resolution", "must be even for C4 (res5 halves it)")
         weights = self.roi_heads.bbox_reg_weights
         if len(weights) != 4 or any(w <= 0 for w in weights):
             fail("roi_heads.bbox_reg_weights", "must be 4 positive numbers")
@@ -293,6 +333,26 @@ def r50_fpn(num_classes: int = 91, **changes) -> ModelConfig:
                       "assigner": {"batch_size_per_image": 512}},
     }  # fmt: skip
     return ModelConfig().updated(recipe).updated(changes)
+
+
+def maskrcnn_r50_fpn(num_classes: int = 91, **changes) -> ModelConfig:
+    """torchvision's maskrcnn_resnet50_fpn (v1): `r50_fpn` plus the mask branch, MultiScaleRoIAlign 14x14
+    sampling 2 on P2-P5, 4 x (3x3 conv 256 + ReLU), ConvTranspose 2x2 s2 256 + ReLU, 1x1 -> K: 28x28.
+
+    `changes`: nested / dotted fields (e.g. {"mask.conv_channels": (32, 32)} for a lighter head).
+    """
+    recipe = {"mask": {"enabled": True, "pooler": {"resolution": 14, "sampling_ratio": 2, "aligned": False},
+                       "conv_channels": (256, 256, 256, 256), "predictor_channels": 256}}  # fmt: skip
+    return r50_fpn(num_classes).updated(recipe).updated(changes)
+
+
+def maskrcnn_r50_c4(num_classes: int = 81, **changes) -> ModelConfig:
+    """maskrcnn-benchmark's R-50-C4 Mask R-CNN: `r50_c4` plus ROIAlign 14x14 (adaptive sampling) of the
+    detections, the box head's res5 (shared parameters), ConvTranspose 2048->256 2x2 s2 + ReLU, 1x1 -> K: 14x14.
+    """
+    recipe = {"mask": {"enabled": True, "pooler": {"resolution": 14, "sampling_ratio": 0, "aligned": False},
+                       "conv_channels": (), "predictor_channels": 256}}  # fmt: skip
+    return r50_c4(num_classes).updated(recipe).updated(changes)
 
 
 # --- mapping <-> dataclass ------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""Faster R-CNN: backbone -> RPN -> ROI heads, for inference (`__call__`) and training (`losses`).
+"""Faster R-CNN: backbone -> RPN -> ROI heads, for inference (`__call__`) and training (`losses`);
+Mask R-CNN when `cfg.mask.enabled` (the ROI heads add the mask branch of `mask_head.py`).
 
 A thin composition of the stages beside it (`rpn.py`, `roi_heads.py` each own their
-inference and training paths). The parameter tree mirrors torchvision's module names
+inference and training paths); `architectures.architecture(cfg)` says which backbone,
+poolers and heads `cfg.arch` uses. The parameter tree mirrors torchvision's module names
 (`backbone/body/...`, `backbone/fpn/...`, `rpn/head/...`, `roi_heads/box_head/...`,
-`roi_heads/box_predictor/...`; `param_paths.py` holds what depends on them), and frozen
+`roi_heads/box_predictor/...`, `roi_heads/mask_head/...`, `roi_heads/mask_predictor/...`;
+`param_paths.py` holds what depends on them), and frozen
 batch-norm statistics live in the `"frozen"` collection:
 
     variables = init_variables(model, rng)                    # {"params", "frozen"}
@@ -20,9 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from frcnn_jax.modeling.config import ModelConfig, compute_dtype
-from frcnn_jax.modeling.fpn import FPN
-from frcnn_jax.modeling.resnet import ResNet
+from frcnn_jax.modeling.architectures import architecture
+from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.roi_heads import RoIHeads
 from frcnn_jax.modeling.rpn import RPN, rpn_anchors, rpn_losses, rpn_proposals
 
@@ -31,40 +33,14 @@ LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_bo
 STAT_NAMES = ("rpn_positives", "roi_foreground", "proposals")  # sampling statistics, per-image means
 
 
-class Backbone(nn.Module):
-    """C4: ResNet stem + layer1-3 -> [C4 (stride 16)]; FPN: ResNet + FPN -> [P2, ..., P6]."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, images):
-        cfg, bb = self.cfg, self.cfg.backbone
-        body = ResNet(
-            depth=bb.depth,
-            width=bb.width,
-            num_stages=3 if cfg.arch == "c4" else 4,
-            stride_in_1x1=bb.stride_in_1x1,
-            freeze_at=bb.freeze_at,
-            bn_eps=bb.bn_eps,
-            dtype=compute_dtype(cfg),
-            zero_init_residual=bb.zero_init_residual,
-            remat=cfg.remats("resnet"),
-            name="body",
-        )
-        outs = body(images)
-        if cfg.arch == "c4":
-            return [outs["layer3"]]
-        fpn = FPN(bb.fpn_channels, dtype=compute_dtype(cfg), remat=cfg.remats("fpn"), name="fpn")
-        return fpn([outs[f"layer{i}"] for i in range(1, 5)])
-
-
 class FasterRCNN(nn.Module):
     cfg: ModelConfig
 
     def setup(self):
-        self.backbone = Backbone(self.cfg)
+        parts = architecture(self.cfg)  # the one place that knows what `cfg.arch` builds
+        self.backbone = parts.backbone()
         self.rpn = RPN(self.cfg)
-        self.roi_heads = RoIHeads(self.cfg)
+        self.roi_heads = RoIHeads(self.cfg, parts)
 
     def features(self, images):
         """[B, H, W, 3] normalised canvas -> list of NHWC feature maps (RPN levels)."""
@@ -79,7 +55,9 @@ class FasterRCNN(nn.Module):
           image_sizes: [B, 2] int32 (h, w) of each resized image inside the canvas.
         Returns:
           dict: boxes [B, D, 4] (canvas pixels), scores [B, D], labels [B, D] int32,
-          valid [B, D] bool (D = roi_heads.postprocess.detections_per_img). With `return_intermediates`, also
+          valid [B, D] bool (D = roi_heads.postprocess.detections_per_img); with `cfg.mask.enabled`,
+          masks [B, D, M, M] float32 (each detection's label probabilities; 0 in invalid rows; M =
+          `architecture(cfg).mask_resolution`). With `return_intermediates`, also
           features, objectness, rpn_deltas, proposals, proposal_scores, proposal_valid,
           class_logits, box_deltas.
         """
@@ -151,6 +129,10 @@ def init_variables(model: FasterRCNN, rng, canvas_hw=(64, 64)):
     def touch_all(module: FasterRCNN, images, boxes):
         feats = module.features(images)
         module.rpn(feats)
-        return module.roi_heads(feats, boxes, images.shape[1:3])
+        out = module.roi_heads(feats, boxes, images.shape[1:3])
+        if module.cfg.mask.enabled:  # roi_heads/mask_head (FPN), roi_heads/mask_predictor
+            ones = jnp.ones(boxes.shape[:2], jnp.int32)
+            module.roi_heads.masks(feats, boxes, ones, ones > 0, images.shape[1:3])
+        return out
 
     return jax.jit(lambda r: model.init(r, images, boxes, method=touch_all))(rng)

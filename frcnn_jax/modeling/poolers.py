@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -57,3 +58,29 @@ def pool_rois(
     else:
         levels = jnp.zeros((b * p,), jnp.int32)
     return ops.multilevel_roi_align(features, scales, flat, batch_idx, levels, output_size, sampling_ratio, aligned)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoIPooler:
+    """A stage's pooler, chosen once per architecture (`architectures.py`) and called with plain arrays.
+
+    num_levels: how many of the backbone's maps it reads: 1 (C4: the stride-16 map, every
+    box on it) or 4 (FPN: P2-P5, torchvision's MultiScaleRoIAlign level per box).
+    """
+
+    num_levels: int
+    resolution: int
+    sampling_ratio: int
+    aligned: bool = False
+
+    def __call__(self, features: Sequence[jax.Array], boxes, canvas_hw: tuple[int, int]):
+        """features: the backbone's NHWC maps; boxes [B, P, 4] canvas pixels -> [B * P, S, S, C] (image-major)."""
+        return pool_rois(
+            features[: self.num_levels],
+            boxes,
+            canvas_hw,
+            output_size=self.resolution,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.aligned,
+            multiscale=self.num_levels > 1,
+        )

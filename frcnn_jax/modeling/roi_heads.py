@@ -3,11 +3,13 @@
     RoIHeads.__call__(features, boxes, canvas_hw)   -> class logits, class-specific deltas
     RoIHeads.detections(...)                        -> final detections (inference)
     RoIHeads.losses(...)                            -> loss_classifier, loss_box_reg (training)
+    RoIHeads.masks(...)                             -> mask probabilities of the detections (Mask R-CNN)
     box_head_targets / box_head_loss                -> the per-image sampling and the batch loss they use
 
-The pieces it composes live beside it: `poolers.pool_rois` (ROIAlign, one level for C4,
-the FPN level per box), `box_head` (the C4 res5 head, the FPN two-MLP head, the
-predictor) and `postprocess.postprocess_detections`.
+The pieces it composes live beside it and arrive as an `architectures.Architecture`
+(which pooler, which box head, which mask head): `poolers.RoIPooler`, `box_head` (the C4
+res5 head, the FPN two-MLP head, the predictor), `postprocess.postprocess_detections`
+and, when `cfg.mask.enabled`, the mask branch of `mask_head.py`.
 
 Shapes: B images, P proposals per image, S = sampled ROIs per image, K classes including
 background (label 0), G padded ground-truth boxes.
@@ -23,10 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from frcnn_jax import ops
-from frcnn_jax.modeling.box_head import FastRCNNPredictor, Res5Head, TwoMLPHead
+from frcnn_jax.modeling.architectures import Architecture, architecture
+from frcnn_jax.modeling.box_head import FastRCNNPredictor
 from frcnn_jax.modeling.config import ModelConfig, compute_dtype
+from frcnn_jax.modeling.mask_head import MaskRCNNPredictor, mask_probabilities
 from frcnn_jax.modeling.matcher import match
-from frcnn_jax.modeling.poolers import pool_rois
 from frcnn_jax.modeling.postprocess import postprocess_detections
 from frcnn_jax.modeling.sampler import sample_balanced, sampled_indices
 from frcnn_jax.ops import losses
@@ -104,44 +107,49 @@ def box_head_loss(class_logits, box_deltas, targets, *, beta: float = 1.0):
 
 
 class RoIHeads(nn.Module):
-    """The ROI-heads stage: box head (`roi_heads/box_head`) + predictor (`roi_heads/box_predictor`)."""
+    """The ROI-heads stage: box head (`roi_heads/box_head`) + predictor (`roi_heads/box_predictor`),
+    and with `cfg.mask.enabled` the mask branch (`roi_heads/mask_head`, `roi_heads/mask_predictor`).
+
+    parts: the poolers and heads (`architectures.architecture(cfg)` when not given).
+    """
 
     cfg: ModelConfig
+    parts: Architecture | None = None
 
     def setup(self):
-        cfg, bb = self.cfg, self.cfg.backbone
-        if cfg.arch == "c4":
-            self.box_head = Res5Head(
-                bb.depth, bb.width, bb.stride_in_1x1, bb.bn_eps, dtype=compute_dtype(cfg),
-                zero_init_residual=bb.zero_init_residual, remat=cfg.remats("box_head"),
-            )  # fmt: skip
-        else:
-            self.box_head = TwoMLPHead(
-                cfg.roi_heads.representation_size, dtype=compute_dtype(cfg), remat=cfg.remats("box_head")
-            )
+        cfg = self.cfg
+        parts = self.parts if self.parts is not None else architecture(cfg)
+        self.box_pooler = parts.box_pooler
+        self.box_head = parts.box_head()
         self.box_predictor = FastRCNNPredictor(cfg.num_classes, dtype=compute_dtype(cfg))
+        if cfg.mask.enabled:
+            self.mask_pooler = parts.mask_pooler
+            self.mask_head = parts.mask_head() if parts.mask_head is not None else None
+            self.mask_predictor = MaskRCNNPredictor(
+                cfg.num_classes, cfg.mask.predictor_channels, dtype=compute_dtype(cfg)
+            )
 
     def __call__(self, features, boxes, canvas_hw):
         """Pools `boxes` [B, P, 4] from `features` (the RPN levels) -> logits [B, P, K], deltas [B, P, K, 4]."""
-        cfg, pooler = self.cfg, self.cfg.roi_heads.pooler
         b, p, _ = boxes.shape
-        pooled = pool_rois(
-            features if cfg.arch == "c4" else features[:4],
-            boxes,
-            canvas_hw,
-            output_size=pooler.resolution,
-            sampling_ratio=pooler.sampling_ratio,
-            aligned=pooler.aligned,
-            multiscale=cfg.arch == "fpn",
-        )
-        logits, deltas = self.box_predictor(self.box_head(pooled.astype(compute_dtype(cfg))))
+        pooled = self.box_pooler(features, boxes, canvas_hw)
+        logits, deltas = self.box_predictor(self.box_head(pooled.astype(compute_dtype(self.cfg))))
         return logits.reshape(b, p, -1), deltas.reshape(b, p, -1, 4)
+
+    def masks(self, features, boxes, labels, valid, canvas_hw):
+        """Mask R-CNN inference (`cfg.mask.enabled`): boxes [B, D, 4] canvas pixels, labels [B, D] int32,
+        valid [B, D] bool -> [B, D, M, M] float32 probabilities of each box's label (0 where invalid)."""
+        head = self.box_head.features if self.mask_head is None else self.mask_head  # C4: the shared res5
+        return mask_probabilities(
+            self.mask_pooler, head, self.mask_predictor, features, boxes, labels, valid, canvas_hw
+        )
 
     def detections(self, features, proposals, proposal_valid, image_sizes, canvas_hw):
         """Inference: proposals [B, P, 4] + valid [B, P] -> (detections, logits [B, P, K], deltas [B, P, K, 4]).
 
         detections: boxes [B, D, 4] (canvas pixels), scores [B, D], labels [B, D] int32,
-        valid [B, D] bool; D = roi_heads.postprocess.detections_per_img (see `postprocess_detections`).
+        valid [B, D] bool; D = roi_heads.postprocess.detections_per_img (see `postprocess_detections`);
+        with `cfg.mask.enabled` also masks [B, D, M, M] float32 (`masks`).
         """
         heads = self.cfg.roi_heads
         logits, deltas = self(features, proposals, canvas_hw)
@@ -150,7 +158,10 @@ class RoIHeads(nn.Module):
             bbox_reg_weights=heads.bbox_reg_weights,
             **dataclasses.asdict(heads.postprocess),
         )
-        return jax.vmap(post)(logits, deltas, proposals, proposal_valid, image_sizes), logits, deltas
+        dets = jax.vmap(post)(logits, deltas, proposals, proposal_valid, image_sizes)
+        if self.cfg.mask.enabled:
+            dets["masks"] = self.masks(features, dets["boxes"], dets["labels"], dets["valid"], canvas_hw)
+        return dets, logits, deltas
 
     def losses(self, features, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, canvas_hw, key):
         """Training: sample ROIs from the proposals (+ ground truth), pool, predict, loss.

@@ -1,10 +1,12 @@
-"""torchvision reference detectors for parity tests (FPN v1 and the slides' R-50-C4).
+"""torchvision reference detectors for parity tests (FPN v1 and the slides' R-50-C4, Faster and Mask R-CNN).
 
 Random weights are calibrated as ../shared/design/REFERENCE.md advises: every frozen
 batch norm gets its running mean/variance from the statistics of its actual input
 (times a random factor) and a random affine, so activations keep a useful range
 through 50 layers; head weights get spreads that make objectness and class scores
-vary, so NMS has real work to do.
+vary, so NMS has real work to do. Mask R-CNN's mask logits sit far below zero with
+random weights (every mask empty); `calibrate_masks` shifts each class's
+`mask_fcn_logits` bias so its logits have median 0 on a calibration image.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 
@@ -80,6 +83,72 @@ def build_c4(num_classes=81, anchor_sizes=(32, 64, 128, 256, 512), eps=1e-5, **k
         **defaults,
     )
     return model.eval()
+
+
+def build_maskrcnn_fpn(num_classes=91, eps=0.0, **kwargs):
+    """torchvision's maskrcnn_resnet50_fpn v1 (random weights) with FrozenBatchNorm eps `eps`."""
+    resnet = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    model = MaskRCNN(_resnet_fpn_extractor(resnet, 3), num_classes=num_classes, **kwargs)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = eps
+    return model.eval()
+
+
+def build_maskrcnn_c4(num_classes=81, anchor_sizes=(32, 64, 128, 256, 512), eps=1e-5, **kwargs):
+    """maskrcnn-benchmark's R-50-C4 Mask R-CNN from torchvision parts: `build_c4`'s detector plus
+    ROIAlign 14x14 (one level, adaptive sampling) of the detections, the box head's layer4 as the mask
+    head (the same module: its parameters appear as roi_heads.box_head.layer4.* and roi_heads.mask_head.*),
+    MaskRCNNPredictor(2048, 256, K)."""
+    c4 = build_c4(num_classes, anchor_sizes, eps, **kwargs)
+    rpn, heads = c4.rpn, c4.roi_heads
+    defaults = dict(
+        rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=1000, rpn_pre_nms_top_n_train=12000,
+        rpn_post_nms_top_n_train=2000,
+    )  # fmt: skip
+    defaults.update(kwargs)
+    model = MaskRCNN(
+        c4.backbone,
+        num_classes=None,
+        rpn_anchor_generator=rpn.anchor_generator,
+        box_roi_pool=heads.box_roi_pool,
+        box_head=heads.box_head,
+        box_predictor=heads.box_predictor,
+        mask_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
+        mask_head=heads.box_head.layer4,
+        mask_predictor=MaskRCNNPredictor(2048, 256, num_classes),
+        **defaults,
+    )
+    return model.eval()
+
+
+@torch.no_grad()
+def mask_logits_for(model, features, boxes: list[torch.Tensor], image_sizes) -> torch.Tensor:
+    """torchvision's mask branch on given boxes (resized-image pixels): [sum N, K, M, M] logits."""
+    pooled = model.roi_heads.mask_roi_pool(features, boxes, image_sizes)
+    return model.roi_heads.mask_predictor(model.roi_heads.mask_head(pooled))
+
+
+@torch.no_grad()
+def calibrate_masks(model, images: torch.Tensor):
+    """Shifts `mask_fcn_logits.bias` so each class's logits have median 0 over the detections of `images`.
+
+    Call after `calibrate` (the detections depend on the calibrated weights). Returns the
+    detections used: a list (one per image) of torchvision's result dicts.
+    """
+    sizes = [tuple(images.shape[-2:])] * images.shape[0]
+    il = torchvision.models.detection.image_list.ImageList(images, sizes)
+    feats = model.backbone(images)
+    proposals, _ = model.rpn(il, feats)
+    heads = model.roi_heads
+    saved = heads.mask_roi_pool
+    heads.mask_roi_pool = None  # boxes only
+    detections, _ = heads(feats, proposals, sizes)
+    heads.mask_roi_pool = saved
+    logits = mask_logits_for(model, feats, [d["boxes"] for d in detections], sizes)
+    median = logits.transpose(0, 1).reshape(logits.shape[1], -1).median(dim=1).values
+    heads.mask_predictor.mask_fcn_logits.bias.sub_(median)
+    return detections
 
 
 @torch.no_grad()

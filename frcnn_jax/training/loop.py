@@ -49,6 +49,7 @@ import orbax.checkpoint as ocp
 
 from frcnn_jax import model_checkpoint, run_checkpoint
 from frcnn_jax.data import builder as data_lib
+from frcnn_jax.data import custom as custom_sources
 from frcnn_jax.evaluation.model_eval import evaluate_model, make_forward, predictions_png
 from frcnn_jax.evaluation.report import write_detections_json
 from frcnn_jax.modeling import config as model_config
@@ -57,6 +58,7 @@ from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
 from frcnn_jax.training import host_memory, sharding
 from frcnn_jax.training import monitor as monitor_lib
+from frcnn_jax.training import optim as optim_lib
 from frcnn_jax.training.metrics import MetricsWriter, Progress, plot_losses
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
 from frcnn_jax.training.prefetch import DevicePrefetcher
@@ -125,6 +127,12 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Opt
     for name in ("eval_every", "eval_max_images", "visualize"):
         if int(t[name]) < 0:
             raise ValueError(f"train.{name}={t[name]!r}: must be >= 0")
+    optim_lib.check_freeze_pattern(str(t.freeze))
+    if t.init_backbone and t.init_checkpoint:
+        raise ValueError(
+            f"train.init_backbone={t.init_backbone!r} and train.init_checkpoint={t.init_checkpoint!r}: "
+            "set one (init_checkpoint already holds the backbone)"
+        )
     data_lib.validate_data_config(config.data)
     return model_cfg, optim_cfg
 
@@ -134,25 +142,72 @@ def _check_resume_compatible(workdir: pathlib.Path, config: ml_collections.Confi
     path = workdir / run_checkpoint.CONFIG_JSON
     if not path.exists():
         return
-    saved = model_config.flatten(json.loads(path.read_text()).get("model", {}))
+    saved_config = json.loads(path.read_text())
+    saved = model_config.flatten(saved_config.get("model", {}))
     now = model_config.flatten(json.loads(json.dumps(config.model.to_dict(), default=list)))
     diffs = [
         f"model.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
         if saved.get(k) != now.get(k)
     ]
+    # which parameters train shapes the optimiser state
+    saved_freeze = saved_config.get("train", {}).get("freeze", "")
+    if saved_freeze != config.train.freeze:
+        diffs.append(f"train.freeze: saved {saved_freeze!r}, now {config.train.freeze!r}")
     if diffs:
         raise ValueError(
-            f"{workdir} holds a run with a different model config; use a new --workdir or the same config "
+            f"{workdir} holds a run with a different model config or train.freeze; use a new --workdir or the same config "
             f"({'; '.join(diffs[:5])})"
         )
 
 
-def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool = True):
-    """Random variables, with the trunk (and the C4 head's layer4) from `train.init_backbone` if set.
+def _read_init_checkpoint(path: str, cfg: ModelConfig) -> tuple[ModelConfig, dict, dict]:
+    """`train.init_checkpoint` read and checked against the model -> (its ModelConfig, variables, metadata).
 
-    The backbone checkpoint is always checked; with load_backbone=False (a resumed run,
-    whose checkpoint replaces these values) it is not read.
+    path: a converted detector (`python -m frcnn_jax.convert`) or a training work
+    directory (its latest checkpoint). Raises ValueError naming the field: not a
+    detector, or a different architecture in fields the shapes do not show.
+    """
+    where = f"train.init_checkpoint={path!r}"
+    try:
+        src_cfg, variables, meta = model_checkpoint.load_model(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if src_cfg is None:
+        raise ValueError(
+            f"{where}: a {meta.get('kind', 'backbone')} checkpoint, not a detector; "
+            "use train.init_backbone for an ImageNet ResNet"
+        )
+    theirs, mine = model_config.flatten(src_cfg.to_dict()), model_config.flatten(cfg.to_dict())
+    for key in ARCHITECTURE_FIELDS:
+        if theirs.get(key) != mine.get(key):
+            raise ValueError(
+                f"{where}: an architecture mismatch: the checkpoint's model.{key}={theirs.get(key)!r}, "
+                f"the config's {mine.get(key)!r}"
+            )
+    if theirs.get("backbone.bn_eps") != mine.get("backbone.bn_eps"):
+        log.warning(
+            "train.init_checkpoint: the checkpoint ran with model.backbone.bn_eps=%r, this run uses %r "
+            "(--config.model.backbone.bn_eps=%r keeps its outputs)",
+            theirs.get("backbone.bn_eps"), mine.get("backbone.bn_eps"), theirs.get("backbone.bn_eps"),
+        )  # fmt: skip
+    return src_cfg, variables, meta
+
+
+# Model fields that change what the weights mean without changing any shape: they must agree
+# between `train.init_checkpoint` and the run (depth, width, anchors, ... show up as shapes).
+ARCHITECTURE_FIELDS = ("arch", "backbone.stride_in_1x1")
+
+
+def _init_variables(model: FasterRCNN, config, seed: int, *, load_weights: bool = True):
+    """Random variables, with weights from `train.init_backbone` or `train.init_checkpoint` if set.
+
+    init_backbone: the trunk (and the C4 head's layer4) from an ImageNet ResNet.
+    init_checkpoint: every array of a detector / run (`param_paths.with_checkpoint_weights`:
+    the class-dependent layers re-initialised when `model.num_classes` differs; what was
+    loaded and re-initialised is logged).
+    The backbone checkpoint is always checked; with load_weights=False (a resumed run,
+    whose checkpoint replaces these values) neither is read.
     """
     path = config.train.init_backbone
     if path:  # check the backbone checkpoint before spending time on the model
@@ -167,12 +222,58 @@ def _init_variables(model: FasterRCNN, config, seed: int, *, load_backbone: bool
                 f"train.init_backbone={path!r}: a ResNet-{meta.get('depth')} checkpoint cannot initialise "
                 f"model.backbone.depth={backbone.depth}, model.backbone.width={backbone.width}"
             )
+    init_ckpt = str(config.train.init_checkpoint)
+    source = _read_init_checkpoint(init_ckpt, model.cfg) if init_ckpt and load_weights else None
     variables = init_variables(model, jax.random.key(seed))
-    if not path or not load_backbone:
+    if not load_weights:
         return variables
-    _, backbone, _ = model_checkpoint.load_model(path)
-    log.info("initialised the backbone from %s", path)
-    return param_paths.with_imagenet_backbone(variables, backbone, model.cfg)
+    if path:
+        _, backbone, _ = model_checkpoint.load_model(path)
+        log.info("initialised the backbone from %s", path)
+        variables = param_paths.with_imagenet_backbone(variables, backbone, model.cfg)
+    if source is not None:
+        src_cfg, src_vars, meta = source
+        reinit = src_cfg.num_classes != model.cfg.num_classes
+        try:
+            variables, report = param_paths.with_checkpoint_weights(variables, src_vars, reinit_class_dependent=reinit)
+        except param_paths.ParamMismatch as e:
+            raise ValueError(f"train.init_checkpoint={init_ckpt!r}: {e}") from None
+        _log_init_report(init_ckpt, meta, report, src_cfg.num_classes, model.cfg.num_classes)
+    return variables
+
+
+def _log_init_report(path: str, meta: dict, report: dict, old_classes: int, new_classes: int):
+    n = report["loaded"]
+    log.info(
+        "train.init_checkpoint: loaded %d arrays from %s (%s): %d parameters, %d frozen batch-norm statistics",
+        sum(n.values()), path, meta.get("source", "?"), n["params"], n["frozen"],
+    )  # fmt: skip
+    reinit = report["reinitialised"]
+    if not reinit:
+        log.info(
+            "train.init_checkpoint: re-initialised 0 arrays (model.num_classes=%d as in the checkpoint)", new_classes
+        )
+        return
+    log.info(
+        "train.init_checkpoint: re-initialised %d class-dependent arrays (model.num_classes %d in the checkpoint, "
+        "%d now): %s",
+        len(reinit), old_classes, new_classes,
+        "; ".join(f"{p} {old if old is not None else '(absent)'} -> {new}" for p, old, new in reinit),
+    )  # fmt: skip
+
+
+def _frozen_counts(variables: dict, cfg: ModelConfig, freeze: str) -> tuple[int, int]:
+    """(parameter arrays frozen in all, of which matched by `train.freeze`); ValueError if it matches none."""
+    paths = ["/".join(p) for p in param_paths.flat_paths(variables["params"])]
+    by_stage = param_paths.frozen_param_paths(cfg)
+    frozen = [p for p in paths if optim_lib.is_frozen_path(p, by_stage, freeze)]
+    matched = [p for p in paths if freeze and optim_lib.is_frozen_path(p, (), freeze)]
+    if freeze and not matched:
+        raise ValueError(
+            f"train.freeze={freeze!r}: matches no parameter path (re.match from the start; paths look like "
+            f"{paths[0]!r}, {paths[-1]!r})"
+        )
+    return len(frozen), len(matched)
 
 
 def _barrier(name: str, timeout_s: int = 1800):
@@ -199,7 +300,12 @@ def _abstract(tree, sharding_):
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir, *, stop_after_steps: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir,
+    *,
+    stop_after_steps: int | None = None,
+    train_source=None,
+    eval_source=None,
 ) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates.
 
@@ -209,17 +315,30 @@ def train_and_evaluate(
         loss_curve.png, eval_final.json, eval_detections.json, detections.png.
       stop_after_steps: stop (as if interrupted) after this many steps of this call,
         after checkpointing; the next call resumes. None runs to train.num_steps.
+      train_source, eval_source: Python data sources (the protocol of
+        `frcnn_jax.data.custom`) used instead of the ones `config.data.source` builds
+        (each independently; None: from the config). A resumed run must be given the
+        same sources (its input position is an index into them).
     Returns:
       the final evaluation metrics (AP, AP50, ... per_class), or {} if stopped early.
     """
     workdir = pathlib.Path(workdir)
     # Everything is checked before anything is written.
     model_cfg, optim_cfg = validate_config(config)
-    train_source = data_lib.build_source(config.data, "train")
-    val_source = data_lib.build_source(config.data, "val")
+    data_name = "train_source" if train_source is not None else config.data.source
+    train_source = (
+        data_lib.build_source(config.data, "train")
+        if train_source is None
+        else custom_sources.as_source(train_source, "train_source")
+    )
+    val_source = (
+        data_lib.build_source(config.data, "val")
+        if eval_source is None
+        else custom_sources.as_source(eval_source, "eval_source")
+    )
     if train_source.num_object_classes + 1 != model_cfg.num_classes:
         raise ValueError(
-            f"model.num_classes={model_cfg.num_classes} but the {config.data.source} data has "
+            f"model.num_classes={model_cfg.num_classes} but the {data_name} data has "
             f"{train_source.num_object_classes} classes (+1 background = {train_source.num_object_classes + 1})"
         )
     mesh = sharding.data_mesh()
@@ -243,8 +362,15 @@ def train_and_evaluate(
         workdir, max_to_keep=config.train.keep_checkpoints, async_save=bool(config.train.async_checkpoint)
     )
     resuming = ckpt.latest_step() is not None
-    variables = _init_variables(model, config, config.seed, load_backbone=not resuming)
-    state, tx = create_train_state(model, variables, optim_cfg, config.seed)
+    variables = _init_variables(model, config, config.seed, load_weights=not resuming)
+    freeze = str(config.train.freeze)
+    n_frozen, n_matched = _frozen_counts(variables, model_cfg, freeze)
+    log.info(
+        "training %d of %d parameter arrays (frozen: %d; model.backbone.freeze_at=%d, train.freeze=%r matches %d)",
+        len(jax.tree.leaves(variables["params"])) - n_frozen, len(jax.tree.leaves(variables["params"])), n_frozen,
+        model_cfg.backbone.freeze_at, freeze, n_matched,
+    )  # fmt: skip
+    state, tx = create_train_state(model, variables, optim_cfg, config.seed, freeze)
     rep = sharding.replicated(mesh)
     monitor = monitor_lib.init_monitor(METRIC_NAMES)
 

@@ -3,12 +3,14 @@
 Follows maskrcnn-benchmark's solver: weight decay on weights only (not on biases),
 biases optionally at a higher learning rate (BIAS_LR_FACTOR), linear warm-up from
 `warmup_factor * lr`, then x`gamma` at each of `decay_steps` (or cosine to zero).
-Frozen parameters (stem and early stages, `model.backbone.freeze_at`) get no update at all.
+Frozen parameters (stem and early stages, `model.backbone.freeze_at`, and those whose path
+matches `train.freeze`) get no update at all (`optax.set_to_zero`: they stay bitwise unchanged).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -94,20 +96,46 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def param_labels(params, frozen_prefixes: Sequence[str] = ()):
-    """Labels each parameter "frozen", "bias" or "weight" (weights are the >= 2-D kernels)."""
+def check_freeze_pattern(pattern: str) -> str:
+    """`train.freeze` checked: a Python regular expression (or ""); raises ValueError naming it."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"train.freeze={pattern!r}: not a regular expression ({e})") from None
+    return pattern
+
+
+def is_frozen_path(path: str, frozen_prefixes: Sequence[str] = (), frozen_pattern: str = "") -> bool:
+    """Whether the '/'-joined parameter path is frozen: under a prefix, or `re.match`ed by the pattern.
+
+    The pattern matches from the start of the path: "backbone/" freezes the whole backbone,
+    "backbone/|rpn/" everything but the box head, ".*bias$" every bias.
+    """
+    if any(path.startswith(prefix + "/") or path == prefix for prefix in frozen_prefixes):
+        return True
+    return bool(frozen_pattern) and re.match(frozen_pattern, path) is not None
+
+
+def param_labels(params, frozen_prefixes: Sequence[str] = (), frozen_pattern: str = ""):
+    """Labels each parameter "frozen", "bias" or "weight" (weights are the >= 2-D kernels).
+
+    frozen_prefixes: '/'-joined path prefixes; frozen_pattern: a regular expression
+    `re.match`ed against each '/'-joined path ("" matches nothing); see `is_frozen_path`.
+    """
 
     def label(path, leaf):
-        p = _path_str(path)
-        if any(p.startswith(prefix + "/") or p == prefix for prefix in frozen_prefixes):
+        if is_frozen_path(_path_str(path), frozen_prefixes, frozen_pattern):
             return "frozen"
         return "weight" if jnp.ndim(leaf) >= 2 else "bias"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg: OptimConfig, params, frozen_prefixes: Sequence[str] = ()) -> optax.GradientTransformation:
-    """The optax transformation for `params` (frozen prefixes are full parameter paths)."""
+def make_optimizer(
+    cfg: OptimConfig, params, frozen_prefixes: Sequence[str] = (), frozen_pattern: str = ""
+) -> optax.GradientTransformation:
+    """The optax transformation for `params` (frozen prefixes are full parameter paths; the
+    pattern is `train.freeze`, see `is_frozen_path`)."""
     lr = learning_rate_schedule(cfg)
 
     def sgd(lr_scale, decay):
@@ -123,7 +151,7 @@ def make_optimizer(cfg: OptimConfig, params, frozen_prefixes: Sequence[str] = ()
             "bias": sgd(cfg.bias_lr_factor, 0.0),
             "frozen": optax.set_to_zero(),
         },
-        param_labels(params, frozen_prefixes),
+        param_labels(params, frozen_prefixes, frozen_pattern),
     )
     if cfg.clip_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), tx)

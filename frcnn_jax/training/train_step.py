@@ -35,8 +35,13 @@ class TrainState:
     rng: jax.Array  # base PRNG key; step keys are fold_in(rng, step)
 
 
-def create_train_state(model: FasterRCNN, variables, optim_cfg: OptimConfig, seed: int):
-    tx = make_optimizer(optim_cfg, variables["params"], frozen_param_paths(model.cfg))
+def create_train_state(model: FasterRCNN, variables, optim_cfg: OptimConfig, seed: int, freeze: str = ""):
+    """(TrainState at step 0, the optax transformation) for `variables` ({"params", "frozen"}).
+
+    Frozen (never updated): the stages `model.cfg.backbone.freeze_at` names, and every
+    parameter whose '/'-joined path `freeze` (a regular expression, `train.freeze`) matches.
+    """
+    tx = make_optimizer(optim_cfg, variables["params"], frozen_param_paths(model.cfg), freeze)
     state = TrainState(
         step=jnp.int32(0),
         params=variables["params"],

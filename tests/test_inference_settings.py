@@ -1,0 +1,230 @@
+"""Inference settings per call (Detector, eval.py, export loader) and predict on folders of photos.
+
+One tiny random R-18-FPN checkpoint with 31 classes is shared: its softmax scores sit
+near 1/31 (below the trained default score_thresh 0.05), so the default keeps few boxes
+and score_thresh=0.0 keeps many: a lower threshold can only show by changing the
+compiled post-process.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tests"))
+import tiny_config  # noqa: E402
+
+NUM_CLASSES = 31
+SIZES = dict(min_size=128, max_size=192)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from frcnn_jax import model_checkpoint
+    from frcnn_jax.modeling.config import ModelConfig
+    from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
+
+    small = {  # few proposals: post-processing 50 x 30 candidates stays cheap
+        "num_classes": NUM_CLASSES, "rpn.test": {"pre_nms_top_n": 200, "post_nms_top_n": 50},
+        "roi_heads.postprocess.detections_per_img": 100,
+    }  # fmt: skip
+    cfg = ModelConfig.from_dict(tiny_config.get_config().model.to_dict()).updated(small)
+    variables = init_variables(FasterRCNN(cfg), jax.random.key(0))
+    meta = {
+        "class_names": ["__background__"] + [f"c{i}" for i in range(1, NUM_CLASSES)],
+        "label_to_category_id": {str(i): i for i in range(1, NUM_CLASSES)},
+        **SIZES,
+    }
+    ckpt = model_checkpoint.save_model(tmp_path_factory.mktemp("tiny") / "ckpt", variables, cfg, meta)
+    rng = np.random.default_rng(0)
+    photos = {  # (h, w): landscape, portrait, square; resized to (128, 192), (192, 128), (128, 128)
+        "land": rng.integers(0, 255, (100, 150, 3), np.uint8),
+        "port": rng.integers(0, 255, (150, 100, 3), np.uint8),
+        "square": rng.integers(0, 255, (64, 64, 3), np.uint8),
+    }
+    return {"ckpt": ckpt, "cfg": cfg, "variables": variables, "photos": photos}
+
+
+def _same_class_overlaps(det) -> int:
+    """Pairs of detections of one label whose boxes overlap (IoU > 0)."""
+    from frcnn_jax.host_boxes import iou_one_to_many
+
+    iou = np.stack([iou_one_to_many(b, det["boxes"]) for b in det["boxes"]]).reshape(len(det["boxes"]), -1)
+    same = det["labels"][:, None] == det["labels"][None, :]
+    return int(np.triu((iou > 0) & same, k=1).sum())
+
+
+def test_detector_post_process_is_compiled_per_call(tiny):
+    from frcnn_jax.detector import Detector, with_postprocess
+
+    images = [tiny["photos"]["land"], tiny["photos"]["square"]]  # one canvas (128, 192): one compile per detector
+    kw = dict(canvases=[(128, 192)])
+    default = Detector.from_checkpoint(tiny["ckpt"], **kw)
+    assert (default.score_thresh, default.nms_thresh, default.detections_per_img) == (0.05, 0.5, 100)
+    low = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, **kw)
+    assert low.model_config.roi_heads.postprocess.score_thresh == 0.0
+    n_default = [len(r["scores"]) for r in default(images)]
+    lows = low(images)
+    n_low = [len(r["scores"]) for r in lows]
+    assert all(a < b for a, b in zip(n_default, n_low)), (n_default, n_low)
+    assert max(r["scores"].max() for r in lows) < 0.1  # random weights: the scores are low
+    few = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, detections_per_img=3, **kw)
+    for r, full in zip(few(images), lows):
+        assert len(r["scores"]) == 3 and np.allclose(r["scores"], full["scores"][:3], rtol=1e-6)
+    strict = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, nms_thresh=0.0, **kw)
+    for r, full in zip(strict(images), lows):  # IoU 0: no two boxes of one class may overlap
+        assert _same_class_overlaps(r) == 0 < _same_class_overlaps(full) and len(r["scores"]) > 0
+    with pytest.warns(DeprecationWarning):
+        old = Detector.from_checkpoint(tiny["ckpt"], score_threshold=0.0)
+    assert old.score_thresh == 0.0
+    for kwargs, message in (
+        ({"score_thresh": 1.5}, "score_thresh=1.5: must be in [0, 1]"),
+        ({"detections_per_img": 0}, "detections_per_img=0: must be a positive integer"),
+    ):
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            with_postprocess(tiny["cfg"], **kwargs)
+
+
+def test_exported_detector_refuses_a_threshold_below_the_compiled_one():
+    from frcnn_jax.export.loader import ExportedDetector
+
+    doc = {"canvases": [[128, 128]], "preprocessing": {"min_size": 128, "max_size": 128}, "dynamic_batch": False,
+           "batch": 1, "score_thresh": 0.05}  # fmt: skip
+    assert ExportedDetector(doc, {}).score_thresh == 0.05
+    assert ExportedDetector(doc, {}, score_thresh=0.3).score_thresh == 0.3
+    with pytest.raises(ValueError, match="below the artifact's compiled score_thresh 0.05; export again"):
+        ExportedDetector(doc, {}, score_thresh=0.01)
+
+
+def _eval(tiny, out, *flags):
+    return subprocess.run(
+        [sys.executable, "eval.py", "--config=tests/tiny_config.py", f"--checkpoint={tiny['ckpt']}", f"--out={out}",
+         "--max_images=2", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+def test_eval_thresholds_below_the_default_change_the_detections(tiny, tmp_path):
+    counts = {}
+    for name, flags in {
+        "default": [],
+        "flag": ["--score_thresh=0.0"],
+        "config": ["--config.model.roi_heads.postprocess.score_thresh=0.0",
+                   "--config.model.roi_heads.postprocess.detections_per_img=7"],
+    }.items():  # fmt: skip
+        r = _eval(tiny, tmp_path / name, *flags)
+        assert r.returncode == 0, r.stderr[-3000:]
+        dets = json.loads((tmp_path / name / "detections.json").read_text())
+        per_image = {}
+        for d in dets:
+            per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+        counts[name] = per_image
+    assert "Post-process: score_thresh 0.0, nms_thresh 0.5, detections_per_img 7" in r.stdout
+    assert sum(counts["flag"].values()) > sum(counts["default"].values())
+    assert counts["config"] and max(counts["config"].values()) <= 7  # labels 1..5 of the 7 kept per image
+    r = _eval(tiny, tmp_path / "bad", "--config.model.backbone.depth=101")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --config.model.backbone.depth: the model comes from --checkpoint; only "
+        "--config.model.roi_heads.postprocess.* (or --score_thresh, --nms_thresh, --detections_per_img) apply in "
+        "this mode"
+    ], r.stderr
+
+
+def _predict(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "frcnn_jax.predict", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+
+
+def test_predict_folder_with_canvases_batches_and_bad_images(tiny, tmp_path):
+    from frcnn_jax.detector import Detector
+
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    for name, arr in tiny["photos"].items():
+        Image.fromarray(arr).save(photos / f"{name}.png")
+    Image.fromarray(tiny["photos"]["port"]).save(photos / "more" / "land.jpg", quality=95)  # stem collision
+    (photos / "broken.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    r = _predict(
+        "--checkpoint", tiny["ckpt"], photos, photos / "more" / "land.jpg", tmp_path / "missing.png", "--out", out,
+        "--canvas", "128x192", "--canvas", "192x128", "--batch-size", "2", "--score-thresh", "0.0",
+        "--detections-per-img", "40",
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert sorted(errors) == sorted([
+        f"error: {photos / 'broken.jpg'}: not a readable image (cannot identify image file "
+        f"'{photos / 'broken.jpg'}')",
+        f"error: {tmp_path / 'missing.png'}: does not exist",
+    ]), r.stderr  # fmt: skip
+    assert "Traceback" not in r.stderr and "2 of 6 images failed" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{n}.{ext}" for n in ("land", "port", "square", "land-2") for ext in ("json", "png")
+    )
+    assert f"{photos / 'more' / 'land.jpg'}: 40 detections -> {out / 'land-2.png'}" in r.stdout
+    # the batched, padded run gives Detector's single-image results
+    det = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, detections_per_img=40)
+    for name, arr in tiny["photos"].items():
+        rows = json.loads((out / f"{name}.json").read_text())
+        assert len(rows) == 40 and Image.open(out / f"{name}.png").size == arr.shape[1::-1]
+        if name == "square":  # predict pads it into the 128x192 canvas, Detector into 128x128
+            continue
+        ref = det(arr)
+        np.testing.assert_allclose([d["score"] for d in rows], ref["scores"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([d["box"] for d in rows], ref["boxes"], rtol=1e-4, atol=1e-3)
+
+    # canvases that cannot hold every resized image: one line at start, nothing written
+    r = _predict("--checkpoint", tiny["ckpt"], photos / "land.png", "--out", tmp_path / "o2", "--canvas", "128x192")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --canvas 128x192: no canvas holds a portrait image resized to (h, w)=(192, 128) (min_size 128, "
+        "max_size 192); add a canvas of at least (192, 128)"
+    ], r.stderr
+    assert not (tmp_path / "o2").exists()
+    for args, message in (
+        (["--canvas", "100x128"], "error: --canvas 100x128: canvas (H, W)=(100, 128) must be positive multiples of 32"),
+        (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+        (["--score-thresh", "2"], "error: --score-thresh must be in [0, 1], got 2.0"),
+    ):
+        r = _predict("--checkpoint", tiny["ckpt"], photos / "land.png", "--out", tmp_path / "o3", *args)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [message], r.stderr
+
+
+def test_predict_run_reports_an_inference_error_per_image_and_goes_on(tiny, tmp_path, capsys):
+    from frcnn_jax import predict
+    from frcnn_jax.detector import Detector
+
+    class FailsOnPortrait(Detector):
+        def _forward(self, canvas, images, sizes):
+            if canvas == (192, 128):
+                raise RuntimeError("device out of memory")
+            return super()._forward(canvas, images, sizes)
+
+    det = FailsOnPortrait(tiny["cfg"], tiny["variables"], canvases=[(128, 192), (192, 128)], **SIZES)
+    paths = []
+    for name, arr in tiny["photos"].items():
+        Image.fromarray(arr).save(tmp_path / f"{name}.png")
+        paths.append(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert predict.run(det, zip(paths, predict.output_names(paths)), out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'port.png'}: inference failed (RuntimeError: device out of memory)"]
+    assert sorted(p.name for p in out.iterdir()) == ["land.json", "land.png", "square.json", "square.png"]
+
+
+def test_output_names_are_unique():
+    from frcnn_jax.predict import output_names
+
+    paths = [pathlib.Path(p) for p in ("a/x.jpg", "b/x.png", "x-2.jpg", "c/x.jpg", "y.png")]
+    assert output_names(paths) == ["x", "x-2", "x-2-2", "x-3", "y"]
