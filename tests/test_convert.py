@@ -152,3 +152,55 @@ def test_legacy_pickle_is_refused_in_one_line(torch, tmp_path):
         "torch.nn.modules.linear.Linear); re-save its weights where it was written: torch.save(model.state_dict(), path)"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_resnet101_backbone_conversion(torch, torchvision, tmp_path):
+    """`--arch resnet101`: an ImageNet R-101 for train.init_backbone (the CLI, as documented)."""
+    import jax
+
+    from frcnn_jax.modeling import param_paths
+    from frcnn_jax.modeling.config import ModelConfig
+    from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
+    from frcnn_jax.training.loop import _init_variables
+
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet101().state_dict()
+    torch.save(sd, tmp_path / "r101.pth")
+    # the depth is told apart from the keys: an R-101 is not converted as an R-50
+    with pytest.raises(convert.ConversionError, match="looks like resnet101.*use --arch resnet101"):
+        convert.convert("resnet50", tmp_path / "r101.pth", tmp_path / "wrong")
+    r = subprocess.run(
+        [sys.executable, "-m", "frcnn_jax.convert", "--arch", "resnet101", "--checkpoint", str(tmp_path / "r101.pth"),
+         "--out", str(tmp_path / "r101")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg, v, meta = checkpoint.load_model(tmp_path / "r101")
+    assert cfg is None and meta["kind"] == "resnet_backbone" and meta["depth"] == 101 and meta["arch"] == "resnet101"
+    assert len(v["params"]["layer3"]) == 23
+    np.testing.assert_array_equal(
+        v["params"]["layer3"]["22"]["conv2"]["kernel"], sd["layer3.22.conv2.weight"].numpy().transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        v["frozen"]["layer3"]["22"]["bn3"]["running_var"], sd["layer3.22.bn3.running_var"].numpy()
+    )
+
+    # it fits an R-101-FPN's trunk array for array (shapes, without running the model) ...
+    sys.path.insert(0, str(REPO))
+    from configs import r50_fpn_coco
+
+    config = r50_fpn_coco.get_config()
+    config.model.backbone.depth = 101
+    model_cfg = ModelConfig.from_dict(config.model.to_dict())
+    template = jax.eval_shape(lambda: init_variables(FasterRCNN(model_cfg), jax.random.key(0)))
+    placed = param_paths.with_imagenet_backbone(template, v, model_cfg)
+    for coll in ("params", "frozen"):
+        body = param_paths.flat_paths(placed[coll]["backbone"]["body"])
+        want = param_paths.flat_paths(template[coll]["backbone"]["body"])
+        assert body.keys() == want.keys()
+        assert all(tuple(body[k].shape) == tuple(want[k].shape) for k in want)
+    # ... and the loop names the depth mismatch for an R-50 model
+    config.train.init_backbone = str(tmp_path / "r101")
+    config.model.backbone.depth = 50
+    with pytest.raises(ValueError, match="ResNet-101 checkpoint cannot initialise model.backbone.depth=50"):
+        _init_variables(FasterRCNN(ModelConfig.from_dict(config.model.to_dict())), config, 0)

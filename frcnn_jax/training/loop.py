@@ -2,7 +2,10 @@
 
 Flax-examples style: build the data, the model and the train state, resume from the
 latest checkpoint in `workdir` if there is one, then step, log, checkpoint and
-evaluate. Everything that decides numbers lives in the pure functions it calls
+evaluate. A new run starts from random weights, an ImageNet trunk (`train.init_backbone`)
+or another detector's weights (`train.init_checkpoint`, `param_paths.with_checkpoint_weights`;
+what was loaded and re-initialised is logged); `train.freeze` adds to the frozen
+parameters. Everything that decides numbers lives in the pure functions it calls
 (`FasterRCNN.losses`, `train_step`, the ops); this file only wires them together.
 
 How the loop keeps an accelerator busy:
