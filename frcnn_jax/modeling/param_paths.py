@@ -54,6 +54,7 @@ def with_imagenet_backbone(variables: dict, backbone: dict, cfg: ModelConfig) ->
 # count starts a run. A class-dependent head joins with one line here.
 CLASS_DEPENDENT = (
     ("roi_heads", "box_predictor"),  # cls_score [R, C], bbox_pred [R, 4C]
+    ("roi_heads", "mask_predictor", "mask_fcn_logits"),  # 1x1 conv [1, 1, C', K] (Mask R-CNN)
 )
 
 
