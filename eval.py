@@ -47,6 +47,11 @@ if __name__ == "__main__":  # a typo'd --config.<field> is one line (exit 2), be
     from frcnn_jax import config_cli
 
     config_cli.exit_on_unknown_override(sys.argv, default_config=None)
+    _overrides = [a.split("=", 1)[0] for a in sys.argv if a.startswith(f"--{config_cli.FLAG}.")]
+    if _overrides and config_cli.config_spec(sys.argv, None) is None:  # absl would end with "FATAL ..."
+        print(f"error: {_overrides[0]}: a --config.* override needs --config=FILE (for a work directory's own "
+              "config, use --score_thresh, --nms_thresh, --detections_per_img)", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
