@@ -55,6 +55,11 @@ if __name__ == "__main__":  # a typo'd --config.<field> is one line (exit 2), be
     from frcnn_jax import config_cli
 
     config_cli.exit_on_unknown_override(sys.argv, default_config=None)
+    _overrides = [a.split("=", 1)[0] for a in sys.argv if a.startswith(f"--{config_cli.FLAG}.")]
+    if _overrides and config_cli.config_spec(sys.argv, None) is None:  # absl would end with "FATAL ..."
+        print(f"error: {_overrides[0]}: a --config.* override needs --config=FILE (for a work directory's own "
+              "config, use --score_thresh, --nms_thresh, --detections_per_img)", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -160,14 +165,14 @@ def evaluate_checkpoint(
 ) -> int:
     """The model mode: batched jitted inference over `split`, COCO (and VOC) metrics.
 
-    postprocess: {score_thresh, nms_thresh, detections_per_img} replacing the checkpoint
-    model's `roi_heads.postprocess` values (missing ones are kept).
+    postprocess: {field: value} of `roi_heads.postprocess` (score_thresh, nms_thresh,
+    detections_per_img, min_size) replacing the checkpoint model's values (missing ones
+    are kept; a bad value is one error line naming the field).
     """
     import ml_collections
 
     from frcnn_jax import model_checkpoint, run_checkpoint
     from frcnn_jax.data import builder
-    from frcnn_jax.detector import with_postprocess
     from frcnn_jax.evaluation import report
     from frcnn_jax.evaluation.model_eval import evaluate_model
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN
@@ -178,7 +183,7 @@ def evaluate_checkpoint(
         model_cfg, variables, meta = model_checkpoint.load_model(checkpoint)
         if model_cfg is None:
             return _fail(f"{checkpoint} holds a backbone only ({meta.get('kind')}), not a detector")
-        model_cfg = with_postprocess(model_cfg, **(postprocess or {}))
+        model_cfg = model_cfg.updated({f"roi_heads.postprocess.{k}": v for k, v in (postprocess or {}).items()})
         if config is None:
             config = ml_collections.ConfigDict(run_checkpoint.read_config(checkpoint))
         builder.validate_data_config(config.data)

@@ -104,7 +104,8 @@ def _overrides(argv: Sequence[str]) -> list[str]:
     return [arg[len(prefix) :].split("=", 1)[0] for arg in argv if arg.startswith(prefix)]
 
 
-def _config_spec(argv: Sequence[str], default: str | None) -> str | None:
+def config_spec(argv: Sequence[str], default: str | None) -> str | None:
+    """The `--config=FILE[:ARG]` (or `--config FILE`) of argv, else `default`; None when neither."""
     spec = default
     for i, arg in enumerate(argv):
         if arg.startswith(f"--{FLAG}="):
@@ -122,7 +123,7 @@ def unknown_override_message(argv: Sequence[str], default_config: str | None = N
     Example: "--config.model.anchor_size: no such field; did you mean model.anchors.sizes?"
     """
     paths = _overrides(argv)
-    spec = _config_spec(argv, default_config)
+    spec = config_spec(argv, default_config)
     if not paths or spec is None:
         return None
     try:

@@ -177,9 +177,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m frcnn_jax.predict",
-        description=__doc__.split("\n\n")[0],
-        epilog="Details: the module docstring (python -c 'import frcnn_jax.predict as p; print(p.__doc__)').",
+        prog="python -m frcnn_jax.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("images", nargs="+", metavar="INPUT", help="image files (JPEG, PNG, ...) or directories of them")
     p.add_argument("--checkpoint", required=True, help="model checkpoint directory or training work directory")

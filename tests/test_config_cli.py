@@ -101,3 +101,16 @@ def test_canvases_cover_the_resize_rule():
         transforms.check_canvases_cover([(800, 1088), (1344, 800)], (600, 800), 1333)
     # the shape it names is reached: an image of that aspect ratio resizes to it
     assert transforms.resized_hw(1600, 2666, 800, 1333) == (800, 1333)
+
+
+def test_eval_override_without_config_is_one_line(tmp_path):
+    r = _run(
+        "eval.py",
+        f"--checkpoint={tmp_path}",
+        f"--out={tmp_path / 'o'}",
+        "--config.model.roi_heads.postprocess.nms_thresh=0.3",
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --config.model.roi_heads.postprocess.nms_thresh: a --config.* override needs --config=FILE (for a "
+        "work directory's own config, use --score_thresh, --nms_thresh, --detections_per_img)"
+    ], r.stderr

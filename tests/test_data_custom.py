@@ -94,7 +94,7 @@ def _config():
     config.data.source = "test_data_custom:make_source"
     config.data.batch_size = 8  # one image per simulated device (conftest: 8 CPU devices)
     config.data.eval_batch_size = 4
-    config.data.canvases = ((96, 128), (128, 96))
+    config.data.canvases = ((128, 128),)  # one canvas: one compiled step
     config.data.max_size = 128
     config.data.min_size = (96,)
     config.data.test_min_size = 96

@@ -198,6 +198,8 @@ def _cli_error(capsys, argv) -> tuple[int, str]:
         (["--canvas", "320x448", "--batch", "0"], 2, "--batch must be >= 1"),
         (["--canvas", "320x448", "--batch", "two"], 2, "argument --batch: invalid int value: 'two'"),
         (["--canvas", "320x448", "--out", "{tmp}"], 2, "is a directory; give the artifact's file name"),
+        (["--canvas", "320x448", "--score-thresh", "2"], 2, "--score-thresh must be in [0, 1], got 2.0"),
+        (["--canvas", "320x448", "--detections-per-img", "0"], 2, "--detections-per-img must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_one_error_line(capsys, tmp_path, extra, code, message):
@@ -244,16 +246,20 @@ def test_bfloat16_multi_canvas_export_runs_and_gives_valid_detections(tmp_path, 
     )
     out = tmp_path / "serve" / "tiny.jaxexport"
     argv = ["--checkpoint", str(ckpt), "--out", str(out), "--canvas", "96x128", "--canvas", "128x96", "--batch", "2",
-            "--dtype", "bfloat16", "--min-size", "90", "--max-size", "120"]  # fmt: skip
+            "--dtype", "bfloat16", "--min-size", "90", "--max-size", "120", "--detections-per-img", "6",
+            "--nms-thresh", "0.4"]  # fmt: skip
     assert cli.main(argv) == 0, capsys.readouterr().err
     files = sorted(p.name for p in out.parent.iterdir())
     assert files == ["tiny-128x96.jaxexport", "tiny-96x128.jaxexport", "tiny.jaxexport.json"]
     doc = fexport.read_sidecar(out)
     assert doc["dtype"] == "bfloat16" and doc["model"]["dtype"] == "bfloat16" and not doc["dynamic_batch"]
+    # the post-process flags are compiled in (the checkpoint's detections_per_img is 10, nms_thresh 0.5)
+    assert (doc["detections_per_img"], doc["nms_thresh"], doc["score_thresh"]) == (6, 0.4, 0.0)
+    assert doc["model"]["roi_heads"]["postprocess"]["detections_per_img"] == 6
     assert [a["canvas"] for a in doc["artifacts"]] == [[96, 128], [128, 96]]
     assert doc["artifacts"][0]["inputs"][0] == {"name": "images", "shape": [2, 96, 128, 3], "dtype": "float32"}
     # bfloat16 weights: the artifact is smaller than a float32 one would be, inputs/outputs unchanged
-    assert doc["artifacts"][0]["outputs"][0] == {"name": "boxes", "shape": [2, 10, 4], "dtype": "float32"}
+    assert doc["artifacts"][0]["outputs"][0] == {"name": "boxes", "shape": [2, 6, 4], "dtype": "float32"}
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in [(60, 80), (66, 88)]]  # both -> 96x128
@@ -261,7 +267,7 @@ def test_bfloat16_multi_canvas_export_runs_and_gives_valid_detections(tmp_path, 
     results = det(images)
     for image, r in zip(images, results):
         h, w = image.shape[:2]
-        assert 0 < len(r["scores"]) <= cfg.roi_heads.postprocess.detections_per_img
+        assert 0 < len(r["scores"]) <= 6
         assert r["boxes"].dtype == np.float32 and r["scores"].dtype == np.float32 and r["labels"].dtype == np.int32
         assert np.isfinite(r["boxes"]).all() and (r["boxes"][:, :2] <= r["boxes"][:, 2:]).all()
         assert (r["boxes"] >= 0).all() and (r["boxes"][:, 2] <= w + 1e-3).all() and (r["boxes"][:, 3] <= h + 1e-3).all()

@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 
     small = {  # few proposals: post-processing 50 x 30 candidates stays cheap
         "num_classes": NUM_CLASSES, "rpn.test": {"pre_nms_top_n": 200, "post_nms_top_n": 50},
-        "roi_heads.postprocess.detections_per_img": 100,
+        "roi_heads.postprocess.detections_per_img": 40,
     }  # fmt: skip
     cfg = ModelConfig.from_dict(tiny_config.get_config().model.to_dict()).updated(small)
     variables = init_variables(FasterRCNN(cfg), jax.random.key(0))
@@ -63,13 +63,19 @@ def _same_class_overlaps(det) -> int:
     return int(np.triu((iou > 0) & same, k=1).sum())
 
 
+# Every in-process detector below runs 2 images on the canvas (128, 192) (and predict also on
+# (192, 128)) at batch 2: equal settings compile equal programs, which JAX's persistent
+# cache (tests/conftest.py) compiles once.
+CANVASES = [(128, 192), (192, 128)]
+
+
 def test_detector_post_process_is_compiled_per_call(tiny):
     from frcnn_jax.detector import Detector, with_postprocess
 
-    images = [tiny["photos"]["land"], tiny["photos"]["square"]]  # one canvas (128, 192): one compile per detector
-    kw = dict(canvases=[(128, 192)])
+    images = [tiny["photos"]["land"], tiny["photos"]["square"]]  # both in the canvas (128, 192)
+    kw = dict(canvases=CANVASES, batch_size=2)
     default = Detector.from_checkpoint(tiny["ckpt"], **kw)
-    assert (default.score_thresh, default.nms_thresh, default.detections_per_img) == (0.05, 0.5, 100)
+    assert (default.score_thresh, default.nms_thresh, default.detections_per_img) == (0.05, 0.5, 40)
     low = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, **kw)
     assert low.model_config.roi_heads.postprocess.score_thresh == 0.0
     n_default = [len(r["scores"]) for r in default(images)]
@@ -77,15 +83,13 @@ def test_detector_post_process_is_compiled_per_call(tiny):
     n_low = [len(r["scores"]) for r in lows]
     assert all(a < b for a, b in zip(n_default, n_low)), (n_default, n_low)
     assert max(r["scores"].max() for r in lows) < 0.1  # random weights: the scores are low
-    few = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, detections_per_img=3, **kw)
-    for r, full in zip(few(images), lows):
-        assert len(r["scores"]) == 3 and np.allclose(r["scores"], full["scores"][:3], rtol=1e-6)
     strict = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, nms_thresh=0.0, **kw)
     for r, full in zip(strict(images), lows):  # IoU 0: no two boxes of one class may overlap
         assert _same_class_overlaps(r) == 0 < _same_class_overlaps(full) and len(r["scores"]) > 0
     with pytest.warns(DeprecationWarning):
         old = Detector.from_checkpoint(tiny["ckpt"], score_threshold=0.0)
     assert old.score_thresh == 0.0
+    assert Detector.from_checkpoint(tiny["ckpt"], detections_per_img=3).detections_per_img == 3
     for kwargs, message in (
         ({"score_thresh": 1.5}, "score_thresh=1.5: must be in [0, 1]"),
         ({"detections_per_img": 0}, "detections_per_img=0: must be a positive integer"),
@@ -117,10 +121,8 @@ def test_eval_thresholds_below_the_default_change_the_detections(tiny, tmp_path)
     counts = {}
     for name, flags in {
         "default": [],
-        "flag": ["--score_thresh=0.0"],
-        "config": ["--config.model.roi_heads.postprocess.score_thresh=0.0",
-                   "--config.model.roi_heads.postprocess.detections_per_img=7"],
-    }.items():  # fmt: skip
+        "lower": ["--config.model.roi_heads.postprocess.score_thresh=0.0", "--detections_per_img=7"],
+    }.items():
         r = _eval(tiny, tmp_path / name, *flags)
         assert r.returncode == 0, r.stderr[-3000:]
         dets = json.loads((tmp_path / name / "detections.json").read_text())
@@ -129,8 +131,8 @@ def test_eval_thresholds_below_the_default_change_the_detections(tiny, tmp_path)
             per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
         counts[name] = per_image
     assert "Post-process: score_thresh 0.0, nms_thresh 0.5, detections_per_img 7" in r.stdout
-    assert sum(counts["flag"].values()) > sum(counts["default"].values())
-    assert counts["config"] and max(counts["config"].values()) <= 7  # labels 1..5 of the 7 kept per image
+    assert sum(counts["lower"].values()) > sum(counts["default"].values())
+    assert max(counts["lower"].values()) <= 7  # labels 1..5 (the shapes classes) of the 7 kept per image
     r = _eval(tiny, tmp_path / "bad", "--config.model.backbone.depth=101")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --config.model.backbone.depth: the model comes from --checkpoint; only "
@@ -139,14 +141,20 @@ def test_eval_thresholds_below_the_default_change_the_detections(tiny, tmp_path)
     ], r.stderr
 
 
-def _predict(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "frcnn_jax.predict", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
+def _predict(capsys, *args):
+    """`python -m frcnn_jax.predict ARGS` in this process (its compiled programs are cached): (code, stdout, stderr)."""
+    from frcnn_jax import predict
+
+    try:
+        code = predict.main([str(a) for a in args])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_predict_folder_with_canvases_batches_and_bad_images(tiny, tmp_path):
+def test_predict_folder_with_canvases_batches_and_bad_images(tiny, tmp_path, capsys):
+    from frcnn_jax.data.images import decode_image
     from frcnn_jax.detector import Detector
 
     photos = tmp_path / "photos"
@@ -156,48 +164,53 @@ def test_predict_folder_with_canvases_batches_and_bad_images(tiny, tmp_path):
     Image.fromarray(tiny["photos"]["port"]).save(photos / "more" / "land.jpg", quality=95)  # stem collision
     (photos / "broken.jpg").write_text("not an image")
     out = tmp_path / "out"
-    r = _predict(
-        "--checkpoint", tiny["ckpt"], photos, photos / "more" / "land.jpg", tmp_path / "missing.png", "--out", out,
-        "--canvas", "128x192", "--canvas", "192x128", "--batch-size", "2", "--score-thresh", "0.0",
-        "--detections-per-img", "40",
+    code, stdout, stderr = _predict(
+        capsys, "--checkpoint", tiny["ckpt"], photos, photos / "more" / "land.jpg", tmp_path / "missing.png",
+        "--out", out, "--canvas", "128x192", "--canvas", "192x128", "--batch-size", "2", "--score-thresh", "0.0",
     )  # fmt: skip
-    assert r.returncode == 1, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert sorted(errors) == sorted([
+    assert code == 1, stderr[-3000:]
+    assert stderr.splitlines() == [
         f"error: {photos / 'broken.jpg'}: not a readable image (cannot identify image file "
         f"'{photos / 'broken.jpg'}')",
         f"error: {tmp_path / 'missing.png'}: does not exist",
-    ]), r.stderr  # fmt: skip
-    assert "Traceback" not in r.stderr and "2 of 6 images failed" in r.stderr
+        "2 of 6 images failed",
+    ], stderr  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{n}.{ext}" for n in ("land", "port", "square", "land-2") for ext in ("json", "png")
     )
-    assert f"{photos / 'more' / 'land.jpg'}: 40 detections -> {out / 'land-2.png'}" in r.stdout
-    # the batched, padded run gives Detector's single-image results
-    det = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, detections_per_img=40)
-    for name, arr in tiny["photos"].items():
-        rows = json.loads((out / f"{name}.json").read_text())
-        assert len(rows) == 40 and Image.open(out / f"{name}.png").size == arr.shape[1::-1]
-        if name == "square":  # predict pads it into the 128x192 canvas, Detector into 128x128
-            continue
-        ref = det(arr)
-        np.testing.assert_allclose([d["score"] for d in rows], ref["scores"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose([d["box"] for d in rows], ref["boxes"], rtol=1e-4, atol=1e-3)
+    assert f"{photos / 'more' / 'land.jpg'}: 40 detections -> {out / 'land-2.png'}" in stdout
+    # the same batches through Detector give the same detections
+    det = Detector.from_checkpoint(tiny["ckpt"], score_thresh=0.0, canvases=CANVASES, batch_size=2)
+    for files, names in (
+        ([photos / "land.png", photos / "square.png"], ["land", "square"]),  # canvas (128, 192)
+        ([photos / "port.png", photos / "more" / "land.jpg"], ["port", "land-2"]),  # canvas (192, 128)
+    ):
+        images = [decode_image(f) for f in files]
+        for name, image, ref in zip(names, images, det(images)):
+            rows = json.loads((out / f"{name}.json").read_text())
+            assert len(rows) == len(ref["scores"]) == 40 and Image.open(out / f"{name}.png").size == image.shape[1::-1]
+            np.testing.assert_allclose([d["score"] for d in rows], ref["scores"], rtol=1e-6)
+            np.testing.assert_allclose([d["box"] for d in rows], ref["boxes"], rtol=1e-6, atol=1e-4)
 
     # canvases that cannot hold every resized image: one line at start, nothing written
-    r = _predict("--checkpoint", tiny["ckpt"], photos / "land.png", "--out", tmp_path / "o2", "--canvas", "128x192")
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    code, _, stderr = _predict(
+        capsys, "--checkpoint", tiny["ckpt"], photos / "land.png", "--out", tmp_path / "o2", "--canvas", "128x192"
+    )
+    assert code == 2 and stderr.splitlines() == [
         "error: --canvas 128x192: no canvas holds a portrait image resized to (h, w)=(192, 128) (min_size 128, "
         "max_size 192); add a canvas of at least (192, 128)"
-    ], r.stderr
+    ], stderr
     assert not (tmp_path / "o2").exists()
     for args, message in (
         (["--canvas", "100x128"], "error: --canvas 100x128: canvas (H, W)=(100, 128) must be positive multiples of 32"),
         (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
         (["--score-thresh", "2"], "error: --score-thresh must be in [0, 1], got 2.0"),
+        (["--nms-thresh", "x"], "error: argument --nms-thresh: invalid float value: 'x' (see --help)"),
     ):
-        r = _predict("--checkpoint", tiny["ckpt"], photos / "land.png", "--out", tmp_path / "o3", *args)
-        assert r.returncode == 2 and r.stderr.strip().splitlines() == [message], r.stderr
+        code, _, stderr = _predict(capsys, "--checkpoint", tiny["ckpt"], photos / "land.png", "--out", tmp_path, *args)
+        assert code == 2 and stderr.splitlines() == [message], stderr
+    code, _, stderr = _predict(capsys, "--checkpoint", tmp_path / "nope", photos, "--out", tmp_path / "o4")
+    assert code == 2 and stderr.splitlines() == [f"error: checkpoint {tmp_path / 'nope'} does not exist"], stderr
 
 
 def test_predict_run_reports_an_inference_error_per_image_and_goes_on(tiny, tmp_path, capsys):
@@ -210,7 +223,7 @@ def test_predict_run_reports_an_inference_error_per_image_and_goes_on(tiny, tmp_
                 raise RuntimeError("device out of memory")
             return super()._forward(canvas, images, sizes)
 
-    det = FailsOnPortrait(tiny["cfg"], tiny["variables"], canvases=[(128, 192), (192, 128)], **SIZES)
+    det = FailsOnPortrait(tiny["cfg"], tiny["variables"], canvases=CANVASES, batch_size=2, score_thresh=0.0, **SIZES)
     paths = []
     for name, arr in tiny["photos"].items():
         Image.fromarray(arr).save(tmp_path / f"{name}.png")
