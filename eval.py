@@ -155,6 +155,13 @@ def postprocess_from_argv(argv, config, flag_values: dict) -> dict:
     return out
 
 
+def _source_has_masks(data) -> bool:
+    """Whether a built-in source (shapes, coco_json) can carry instance masks; False otherwise."""
+    from frcnn_jax.data import builder
+
+    return data.source in builder.SOURCES and bool(builder._source_class(data.source).has_masks)
+
+
 def evaluate_checkpoint(
     config, checkpoint: str, split: str, out: str, max_images: int, postprocess: dict | None = None
 ) -> int:
@@ -182,6 +189,9 @@ def evaluate_checkpoint(
         if config is None:
             config = ml_collections.ConfigDict(run_checkpoint.read_config(checkpoint))
         builder.validate_data_config(config.data)
+        if model_cfg.mask.enabled and not config.data.get("masks", False) and _source_has_masks(config.data):
+            with config.unlocked():  # segm ground truth (shapes draws it only with masks)
+                config.data.masks = True
         source = builder.build_source(config.data, split)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
