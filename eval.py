@@ -14,7 +14,11 @@ overrides are refused in this mode. --print_config prints the resolved config (t
 --config file with its overrides, else the work directory's config.json) and exits.
 Inference is batched and jitted (config.data.eval_batch_size, one compile per canvas)
 with a progress bar. VOC datasets additionally report VOC mAP (2007 11-point and
-area-under-curve, both labelled) in OUT/voc_metrics.json.
+area-under-curve, both labelled) in OUT/voc_metrics.json. A Mask R-CNN checkpoint is
+evaluated on bbox and segm: its masks are pasted into the original images and
+RLE-encoded one at a time into the results' "segmentation"; the built-in sources
+(shapes, coco_json) are read with data.masks on for the segm ground truth (a ground
+truth without segmentations gives bbox only).
 
 Evaluate an existing COCO results file against COCO-format ground truth, no model:
 
