@@ -14,7 +14,11 @@ overrides are refused in this mode. --print_config prints the resolved config (t
 --config file with its overrides, else the work directory's config.json) and exits.
 Inference is batched and jitted (config.data.eval_batch_size, one compile per canvas)
 with a progress bar. VOC datasets additionally report VOC mAP (2007 11-point and
-area-under-curve, both labelled) in OUT/voc_metrics.json.
+area-under-curve, both labelled) in OUT/voc_metrics.json. A Mask R-CNN checkpoint is
+evaluated on bbox and segm: its masks are pasted into the original images and
+RLE-encoded one at a time into the results' "segmentation"; the built-in sources
+(shapes, coco_json) are read with data.masks on for the segm ground truth (a ground
+truth without segmentations gives bbox only).
 
 Evaluate an existing COCO results file against COCO-format ground truth, no model:
 
@@ -160,6 +164,13 @@ def postprocess_from_argv(argv, config, flag_values: dict) -> dict:
     return out
 
 
+def _source_has_masks(data) -> bool:
+    """Whether a built-in source (shapes, coco_json) can carry instance masks; False otherwise."""
+    from frcnn_jax.data import builder
+
+    return data.source in builder.SOURCES and bool(builder._source_class(data.source).has_masks)
+
+
 def evaluate_checkpoint(
     config, checkpoint: str, split: str, out: str, max_images: int, postprocess: dict | None = None
 ) -> int:
@@ -187,6 +198,9 @@ def evaluate_checkpoint(
         if config is None:
             config = ml_collections.ConfigDict(run_checkpoint.read_config(checkpoint))
         builder.validate_data_config(config.data)
+        if model_cfg.mask.enabled and not config.data.get("masks", False) and _source_has_masks(config.data):
+            with config.unlocked():  # segm ground truth (shapes draws it only with masks)
+                config.data.masks = True
         source = builder.build_source(config.data, split)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))

@@ -1,16 +1,20 @@
 """Inference speed: frcnn_jax vs torchvision on CPU, same weights, same images, same run.
 
-    python benchmarks/inference.py [--archs c4,fpn] [--batches 1,4] [--repeats 3]
+    python benchmarks/inference.py [--archs c4,fpn,mask_fpn] [--batches 1,4] [--repeats 3]
     python benchmarks/inference.py --smoke    # tiny images, batch 1, one repeat (the test suite runs it)
 
-For each architecture (R-50-C4 as the slides build it, torchvision's R-50-FPN v1) the
+For each architecture (R-50-C4 as the slides build it, torchvision's R-50-FPN v1, and
+torchvision's Mask R-CNN R-50-FPN v1 with its mask logits calibrated to median 0) the
 parent process builds a torchvision model with calibrated random weights (full
 proposal sets, many detections), converts it with `frcnn_jax.convert`, and then times
 each framework in its own child process (so peak memory is per framework): one
 800x1066 image (canvas 800x1088) and a batch of 4. Reported: median seconds per image
 over the repeats (full API call: preprocessing, model, postprocessing), the JAX compile
 time (the first call's time less the median: compiling is what the first call adds; not
-in the median) and the child's peak resident memory. `--smoke` runs the same code on a
+in the median) and the child's peak resident memory. For Mask R-CNN the timed call includes
+the masks pasted into the original image on both sides: torchvision's `paste_masks_in_image`
+inside its forward (float [N, 1, H, W]), `Detector(mask_threshold=None)` here (float32
+[K, H, W], `frcnn_jax.host_masks`). `--smoke` runs the same code on a
 128x170 image resized to short side 128 on both sides, batch 1, one repeat.
 """
 
@@ -38,6 +42,11 @@ from _timing import machine_line, print_table  # noqa: E402
 # 1000/1000 per level for FPN); the smoke run keeps C4's res5 box head on 50 proposals, not 1000.
 FULL = {"hw": (800, 1066), "min_size": 800, "max_size": 1333, "rpn_test": None}
 SMOKE = {"hw": (128, 170), "min_size": 128, "max_size": 224, "rpn_test": (200, 50)}
+
+
+ARCHS = ("c4", "fpn", "mask_fpn")
+ROW_NAME = {"c4": "R-50-C4", "fpn": "R-50-FPN", "mask_fpn": "Mask R-CNN R-50-FPN"}
+CONVERT_ARCH = {"c4": "fasterrcnn_resnet50_c4", "fpn": "fasterrcnn_resnet50_fpn", "mask_fpn": "maskrcnn_resnet50_fpn"}
 
 
 def bench_image(size) -> np.ndarray:
@@ -77,7 +86,10 @@ def child(args) -> dict:
         if size["rpn_test"]:
             pre, post = size["rpn_test"]
             cfg = cfg.updated({"rpn.test.pre_nms_top_n": pre, "rpn.test.post_nms_top_n": post})
-        det = Detector(cfg, variables, batch_size=args.batch, min_size=size["min_size"], max_size=size["max_size"])
+        det = Detector(
+            cfg, variables, batch_size=args.batch, min_size=size["min_size"], max_size=size["max_size"],
+            mask_threshold=None,  # Mask R-CNN: float probabilities pasted at the image size, as torchvision returns
+        )  # fmt: skip
         # Public API only: the first call compiles (and runs once); compile time is what it adds.
         t0 = time.perf_counter()
         det(images)
@@ -111,20 +123,23 @@ def prepare(tmp: str, archs, threads: int, size):
     kw = {"min_size": size["min_size"], "max_size": size["max_size"]}
     if size["rpn_test"]:
         kw.update(rpn_pre_nms_top_n_test=size["rpn_test"][0], rpn_post_nms_top_n_test=size["rpn_test"][1])
+    builders = {"c4": lambda: tr.build_c4(num_classes=81, **kw), "fpn": lambda: tr.build_fpn(num_classes=91, **kw),
+                "mask_fpn": lambda: tr.build_maskrcnn_fpn(num_classes=91, **kw)}  # fmt: skip
     for arch in archs:
         torch.manual_seed(0)
-        model = tr.build_c4(num_classes=81, **kw) if arch == "c4" else tr.build_fpn(num_classes=91, **kw)
+        model = builders[arch]()
         il, _ = model.transform([t])
         tr.calibrate(model, il.tensors)
+        if arch == "mask_fpn":
+            tr.calibrate_masks(model, il.tensors)  # random mask logits sit far below 0: empty masks otherwise
         torch.save(model, os.path.join(tmp, f"{arch}.torch"))
         torch.save(model.state_dict(), os.path.join(tmp, f"{arch}.pth"))
-        name = "fasterrcnn_resnet50_c4" if arch == "c4" else "fasterrcnn_resnet50_fpn"
-        convert.convert(name, os.path.join(tmp, f"{arch}.pth"), os.path.join(tmp, f"{arch}.jax"))
+        convert.convert(CONVERT_ARCH[arch], os.path.join(tmp, f"{arch}.pth"), os.path.join(tmp, f"{arch}.jax"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", default="c4,fpn")
+    p.add_argument("--archs", default="c4,fpn,mask_fpn", help="comma-separated, from c4, fpn, mask_fpn")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -141,6 +156,9 @@ def main(argv=None):
         args.batches, args.repeats = "1", 1
     size = SMOKE if args.smoke else FULL
     archs = args.archs.split(",")
+    for arch in archs:
+        if arch not in ARCHS:
+            p.error(f"--archs: unknown {arch!r}; choose from {','.join(ARCHS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prepare(tmp, archs, args.threads, size)
@@ -157,7 +175,7 @@ def main(argv=None):
                     res[fw] = json.loads(out.stdout.strip().splitlines()[-1])
                 t, j = res["torch"], res["jax"]
                 rows.append([
-                    "R-50-C4" if arch == "c4" else "R-50-FPN", batch, f"{t['per_image_s']:.2f}", f"{j['per_image_s']:.2f}",
+                    ROW_NAME[arch], batch, f"{t['per_image_s']:.2f}", f"{j['per_image_s']:.2f}",
                     f"{j['per_image_s'] / t['per_image_s']:.2f}x", f"{j['compile_s']:.0f}",
                     f"{t['peak_mb'] / 1024:.1f}", f"{j['peak_mb'] / 1024:.1f}", f"{t['detections']}/{j['detections']}",
                 ])  # fmt: skip

@@ -15,6 +15,22 @@ Post-processing: `score_thresh`, `nms_thresh` and `detections_per_img` (torchvis
 config's `roi_heads.postprocess` values in the COMPILED post-process, so a threshold
 below the trained default (0.05) keeps more boxes; None keeps the model's value.
 
+Masks (Mask R-CNN models, `ModelConfig.mask.enabled`): each result also carries the
+detections' instance masks, pasted into the ORIGINAL image with torchvision's
+`paste_masks_in_image` arithmetic (`frcnn_jax.host_masks`: each mask touches only its
+box's region of the image). `mask_output` chooses their form:
+
+  "image" (default): `masks` [K, H, W] bool, `probability > mask_threshold` (default
+      0.5; `mask_threshold=None` gives float32 probabilities instead);
+  "rle": `masks` a list of K COCO compressed RLE dicts {"size": [H, W], "counts": str}
+      of the thresholded masks, encoded one at a time: no [K, H, W] array is ever held
+      (100 masks of a 3000x2000 photo are 600 MB even as bool);
+  "box": `masks` [K, M, M] float32, the model's probabilities in each box's frame (M =
+      28 FPN, 14 C4), unpasted: paste lazily with `host_masks.iter_pasted_masks` /
+      `iter_mask_rles(masks, boxes, image_hw)`.
+
+Box-only models' results have no `masks` key and are exactly as before.
+
 Canvases: by default each image is padded to the next multiple of 32 (torchvision's
 `size_divisible`), which reproduces torchvision's single-image results exactly and
 compiles once per distinct padded shape. Pass `canvases=[(H, W), ...]` (multiples of
@@ -32,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from frcnn_jax import host_masks
 from frcnn_jax import model_checkpoint as ckpt
 from frcnn_jax.data import transforms
 from frcnn_jax.modeling.config import ModelConfig
@@ -63,6 +80,42 @@ def as_rgb_uint8(image, index: int = 0) -> np.ndarray:
 
 def padded_canvas(h: int, w: int, divisible: int = 32) -> tuple[int, int]:
     return (math.ceil(h / divisible) * divisible, math.ceil(w / divisible) * divisible)
+
+
+MASK_OUTPUTS = ("image", "rle", "box")
+
+
+def check_mask_options(mask_output: str, mask_threshold: float | None) -> tuple[str, float | None]:
+    """Validated (mask_output, mask_threshold); ValueError naming the bad value."""
+    if mask_output not in MASK_OUTPUTS:
+        raise ValueError(f"mask_output={mask_output!r}: must be one of {', '.join(MASK_OUTPUTS)}")
+    if mask_threshold is not None:
+        if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, (int, float, np.floating)):
+            raise ValueError(f"mask_threshold={mask_threshold!r}: must be a number in [0, 1] or None")
+        if not 0.0 <= float(mask_threshold) <= 1.0:
+            raise ValueError(f"mask_threshold={mask_threshold!r}: must be in [0, 1]")
+        mask_threshold = float(mask_threshold)
+    elif mask_output == "rle":
+        raise ValueError("mask_threshold=None: an RLE is binary, mask_output='rle' needs a threshold")
+    return mask_output, mask_threshold
+
+
+def result_masks(masks, boxes, image_hw, mask_output: str = "image", mask_threshold: float | None = 0.5):
+    """One image's kept mask probabilities -> the `masks` entry of its result (see the module doc).
+
+    Args:
+      masks: [K, M, M] float32 probabilities in each box's frame (the model's `masks` row).
+      boxes: [K, 4] float32 (x1, y1, x2, y2) in original image pixels.
+      image_hw: (H, W) of the original image.
+      mask_output: "image" -> [K, H, W] bool (float32 when mask_threshold is None);
+        "rle" -> list of K COCO RLE dicts; "box" -> masks as float32 [K, M, M].
+    """
+    masks = np.asarray(masks, np.float32)
+    if mask_output == "box":
+        return masks
+    if mask_output == "rle":
+        return list(host_masks.iter_mask_rles(masks, boxes, image_hw, mask_threshold))
+    return host_masks.paste_masks(masks, boxes, image_hw, mask_threshold)
 
 
 def with_postprocess(
@@ -105,6 +158,8 @@ class BatchedDetector:
     (detections scoring at most this are dropped on the host; a no-op when it equals
     the compiled post-process's threshold). `_call_batch(n)`: the batch dimension of a call holding n images
     (default `batch_size`: partial batches are padded with (32, 32) zero images).
+    mask_output, mask_threshold (class defaults "image", 0.5): the form of `masks` when
+    the output has them (see the module doc and `result_masks`).
     """
 
     min_size: int
@@ -112,6 +167,8 @@ class BatchedDetector:
     canvases: list[tuple[int, int]] | None
     batch_size: int
     score_thresh: float
+    mask_output: str = "image"
+    mask_threshold: float | None = 0.5
 
     def _forward(self, canvas: tuple[int, int], images: np.ndarray, sizes: np.ndarray) -> dict:
         raise NotImplementedError
@@ -141,7 +198,8 @@ class BatchedDetector:
           list of dicts (one per image, or a single dict for a single image):
           boxes [K, 4] float32 (x1, y1, x2, y2) in original image pixels, scores [K]
           float32, labels [K] int32 (model class index), sorted by decreasing score,
-          valid detections only.
+          valid detections only. Mask models add `masks`: [K, H, W] bool at the
+          original size (H, W), or the form `mask_output` names (module doc).
         """
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
@@ -183,18 +241,24 @@ class BatchedDetector:
         out: host arrays boxes [B, D, 4] (resized-image pixels), scores [B, D], labels
         [B, D], valid [B, D]. size: (h, w) of the resized image; orig: (H, W) of the
         original. Returns {"boxes" [K, 4] float32, "scores" [K] float32, "labels" [K]
-        int32}: the valid detections scoring above `score_thresh`, in the model's order.
+        int32}: the valid detections scoring above `score_thresh`, in the model's order;
+        with `masks` [B, D, M, M] in `out` also "masks" (`result_masks`, pasted at (H, W)).
         """
         keep = out["valid"][k] & (out["scores"][k] > self.score_thresh)
-        return {
+        det = {
             "boxes": transforms.resize_boxes(out["boxes"][k][keep], size, orig),  # back to original pixels
             "scores": out["scores"][k][keep].astype(np.float32),
             "labels": out["labels"][k][keep].astype(np.int32),
         }
+        if "masks" in out:
+            det["masks"] = result_masks(
+                out["masks"][k][keep], det["boxes"], orig, self.mask_output, self.mask_threshold
+            )
+        return det
 
 
 class Detector(BatchedDetector):
-    """A Faster R-CNN model ready for inference on lists of images.
+    """A Faster R-CNN (or Mask R-CNN) model ready for inference on lists of images.
 
     Args:
       model_config: the architecture. variables: {"params", "frozen"}.
@@ -208,10 +272,14 @@ class Detector(BatchedDetector):
         nms_thresh; at most detections_per_img per image), so a score_thresh below the
         trained default keeps boxes the default drops. `score_threshold` is a
         deprecated alias of score_thresh.
+      mask_threshold, mask_output: for Mask R-CNN models, the form of each result's
+        `masks` (module doc): "image" [K, H, W] bool (`> mask_threshold`; None: float32
+        probabilities), "rle" (COCO RLEs, one mask at a time) or "box" ([K, M, M]
+        unpasted). Ignored for box-only models.
 
     Attributes: model_config (with the post-process above), score_thresh, nms_thresh,
     detections_per_img (the values in effect), min_size, max_size, canvases, batch_size,
-    class_names, label_to_category_id.
+    class_names, label_to_category_id, has_masks, mask_output, mask_threshold.
     """
 
     def __init__(
@@ -229,7 +297,10 @@ class Detector(BatchedDetector):
         nms_thresh: float | None = None,
         detections_per_img: int | None = None,
         score_threshold: float | None = None,
+        mask_threshold: float | None = 0.5,
+        mask_output: str = "image",
     ):
+        self.mask_output, self.mask_threshold = check_mask_options(mask_output, mask_threshold)
         if score_threshold is not None:
             warnings.warn("Detector(score_threshold=) is deprecated; use score_thresh=", DeprecationWarning, 2)
             if score_thresh is None:
@@ -245,6 +316,7 @@ class Detector(BatchedDetector):
                     raise ValueError(f"canvases must be (H, W) pairs of multiples of 32, got {c!r}")
         self.model_config = model_config
         self.model = FasterRCNN(model_config)
+        self.has_masks = bool(model_config.mask.enabled)
         self.variables = jax.tree.map(jnp.asarray, variables)
         self.class_names = list(class_names) if class_names is not None else None
         self.label_to_category_id = label_to_category_id

@@ -7,7 +7,12 @@
 INPUT is an image file or a directory (its image files, sorted by name, not recursive).
 For each image writes OUT/<name>.png (boxes with "name: score" captions) and
 OUT/<name>.json: a list of {"box": [x1, y1, x2, y2] (original pixels), "score", "label"
-(model class index), "name"} sorted by decreasing score. <name> is the file's stem; when
+(model class index), "name"} sorted by decreasing score. A Mask R-CNN checkpoint also
+draws each detection's mask as a translucent fill in its box's colour (torchvision's
+`draw_segmentation_masks`) and adds "segmentation" to each record: the COCO compressed
+RLE ({"size": [H, W], "counts": str}, pycocotools) of its mask pasted into the original
+image (torchvision's `paste_masks_in_image` arithmetic) and thresholded at 0.5; masks are
+pasted and encoded one at a time, never held as a [K, H, W] array. <name> is the file's stem; when
 inputs share a stem (a/x.jpg, b/x.png) the later ones get "-2", "-3", ... in input order
 (the printed line names each output). DIR is a converted torchvision checkpoint
 (`python -m frcnn_jax.convert`) or a training work directory.
@@ -44,34 +49,65 @@ from frcnn_jax.visualize import draw_detections, label_name
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def detection_records(det: dict, class_names) -> list[dict]:
+def detection_records(det: dict, class_names, segmentations=None) -> list[dict]:
     """One image's detections -> JSON records by decreasing score.
 
     det: boxes [K, 4] float32 (x1, y1, x2, y2) original pixels, scores [K], labels [K]
     (a `Detector` result). class_names: index = label, entry 0 = background (the
-    checkpoint's `class_names`), or None. Returns [{"box", "score", "label", "name"}, ...].
+    checkpoint's `class_names`), or None. segmentations: optional iterable of K COCO RLE
+    dicts in det's order (e.g. `host_masks.iter_mask_rles`), added as "segmentation".
+    Returns [{"box", "score", "label", "name"[, "segmentation"]}, ...].
     """
     order = np.argsort(-det["scores"], kind="stable")
+    segs = None if segmentations is None else list(segmentations)
+    if segs is not None and len(segs) != len(order):
+        raise ValueError(f"{len(segs)} segmentations for {len(order)} detections")
     out = []
     for k in order:
         label = int(det["labels"][k])
-        out.append(
-            {
-                "box": [float(v) for v in det["boxes"][k]],
-                "score": float(det["scores"][k]),
-                "label": label,
-                "name": label_name(label, class_names),
-            }
-        )
+        record = {
+            "box": [float(v) for v in det["boxes"][k]],
+            "score": float(det["scores"][k]),
+            "label": label,
+            "name": label_name(label, class_names),
+        }
+        if segs is not None:
+            record["segmentation"] = segs[k]
+        out.append(record)
     return out
+
+
+def mask_rles(image_hw, det: dict):
+    """COCO RLEs of a `Detector(mask_output="box")` result's masks, one at a time (None without masks).
+
+    det["masks"]: [K, M, M] float32 probabilities in each box's frame; det["boxes"]: [K, 4]
+    original pixels; image_hw: (H, W). Yields {"size": [H, W], "counts": str} per
+    detection, `probability > 0.5` pasted at the original size.
+    """
+    from frcnn_jax import host_masks
+
+    if "masks" not in det:
+        return None
+    return host_masks.iter_mask_rles(det["masks"], det["boxes"], image_hw)
 
 
 detections_to_json = detection_records  # the previous name
 
 
 def draw_result(image: np.ndarray, det: dict, class_names):
-    """uint8 [H, W, 3] image and its `Detector` result -> PIL image with the detections drawn."""
-    return draw_detections(image, det["boxes"], det["scores"], det["labels"], class_names)
+    """uint8 [H, W, 3] image and its `Detector` result -> PIL image with the detections drawn.
+
+    Masks, when the result has them, are filled in: float [K, M, M] probabilities in the
+    box frame (`Detector(mask_output="box")`) are pasted one at a time (crops,
+    `host_masks.iter_pasted_masks`, `> 0.5`); [K, H, W] bool or a list of RLE dicts
+    (mask_output "image" / "rle") are drawn as they are.
+    """
+    masks = det.get("masks")
+    if isinstance(masks, np.ndarray) and masks.dtype != bool:  # box frame [K, M, M] probabilities
+        from frcnn_jax import host_masks
+
+        masks = host_masks.iter_pasted_masks(masks, det["boxes"], image.shape[:2])
+    return draw_detections(image, det["boxes"], det["scores"], det["labels"], class_names, masks=masks)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:
@@ -142,7 +178,7 @@ def run(detector, items: Iterable[tuple[pathlib.Path, str]], out_dir: pathlib.Pa
                 fail(path, f"inference failed ({type(e).__name__}: {e})")
             return
         for (path, name, image), det in zip(batch, dets):
-            records = detection_records(det, detector.class_names)
+            records = detection_records(det, detector.class_names, mask_rles(image.shape[:2], det))
             try:
                 (out_dir / f"{name}.json").write_text(json.dumps(records, indent=1))
                 draw_result(image, det, detector.class_names).save(out_dir / f"{name}.png")
@@ -218,7 +254,7 @@ def main(argv=None) -> int:
     from frcnn_jax.detector import Detector
 
     compilation_cache.enable()
-    kwargs = {"batch_size": args.batch_size, **postprocess}
+    kwargs = {"batch_size": args.batch_size, "mask_output": "box", **postprocess}  # masks pasted per detection
     for key in ("min_size", "max_size"):
         if getattr(args, key):
             kwargs[key] = getattr(args, key)

@@ -178,7 +178,7 @@ def test_accelerator_smoke_runs_with_only_the_gpu_machines_packages(tmp_path):
 SMOKE_RUNS = {
     "ops.py": ([], ["nms iou 0.7", "roi_align fwd sr=0", "roi_align fwd+bwd sr=0", "roi_align fwd sr=2",
                     "roi_align fwd+bwd sr=2", "encode_boxes", "decode_boxes"], ["JAX ms", "torchvision ms"]),
-    "inference.py": ([], ["R-50-C4", "R-50-FPN"], ["torchvision s/img", "JAX s/img"]),
+    "inference.py": ([], ["R-50-C4", "R-50-FPN", "Mask R-CNN R-50-FPN"], ["torchvision s/img", "JAX s/img"]),
     "train_step.py": ([], ["R-18-FPN 64x96"], ["torchvision s/step", "JAX s/step"]),
     "train_loop.py": ([], ["default"], ["loop img/s", "bare step img/s"]),
     "mask_target_fidelity.py": ([], ["112"], ["ROIs"]),

@@ -106,3 +106,41 @@ def test_jitted_forward_masks(pair, torch):
           f"99th percentile {np.quantile(err, 0.99):.2e}, binary agreement {((ours > 0.5) == (ref > 0.5)).mean():.5f}")  # fmt: skip
     assert err.max() <= 1e-3, err.max()  # measured: FPN 1.25e-4, C4 8.8e-5 (000000000009.jpg)
     assert ((ours > 0.5) == (ref > 0.5)).mean() >= 0.999
+
+
+def test_detector_pasted_masks_match_torchvision(pair, torch, shared):
+    """The full `Detector` (preprocessing, jitted forward, host paste at the original size) against
+    torchvision's whole `maskrcnn_resnet50_fpn` forward (its `paste_masks_in_image`), thresholded at
+    0.5: each of our detections is matched to torchvision's of the same label with the most
+    overlapping box, and the two binary masks must have IoU >= 0.99."""
+    if pair["arch"] != "fpn":
+        pytest.skip("the full-pipeline paste parity runs on R-50-FPN (the C4 mask stage is checked above)")
+    from PIL import Image
+
+    from frcnn_jax.detector import Detector
+    from frcnn_jax.host_boxes import iou_one_to_many
+
+    image = np.asarray(Image.open(shared / "data" / "coco128" / "images" / IMAGE).convert("RGB"))
+    with torch.no_grad():
+        ref = pair["tv"]([torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255])[0]
+    ref_boxes, ref_labels = ref["boxes"].numpy(), ref["labels"].numpy()
+    ref_masks = ref["masks"][:, 0].numpy() > 0.5  # [N, H, W]
+    ours = Detector(pair["cfg"], pair["variables"])(image)
+    k = len(ours["scores"])
+    assert ours["masks"].shape == (k, *image.shape[:2]) and ours["masks"].dtype == bool and k >= 50
+    ious, unmatched = [], 0
+    for box, label, mask in zip(ours["boxes"], ours["labels"], ours["masks"]):
+        same = np.flatnonzero(ref_labels == label)
+        box_iou = iou_one_to_many(box, ref_boxes[same]) if len(same) else np.zeros(0)
+        if not len(same) or box_iou.max() < 0.99:
+            unmatched += 1  # a detection at the score / NMS edge that float rounding flipped
+            continue
+        other = ref_masks[same[int(np.argmax(box_iou))]]
+        union = np.logical_or(mask, other).sum()
+        ious.append(1.0 if union == 0 else np.logical_and(mask, other).sum() / union)
+    ious = np.asarray(ious)
+    print(f"\nDetector vs torchvision pasted masks: {k} detections, {len(ious)} matched, min IoU {ious.min():.5f}, "
+          f"mean {ious.mean():.5f}, non-empty {ours['masks'].any(axis=(1, 2)).mean():.2f}")  # fmt: skip
+    assert unmatched <= 0.05 * k, unmatched
+    assert ref_masks.any(axis=(1, 2)).mean() > 0.9  # calibrated: real masks, not empty ones
+    assert ious.min() >= 0.99, np.sort(ious)[:5]

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from frcnn_jax.data import builder as data_lib
 from frcnn_jax.data.transforms import resize_boxes
-from frcnn_jax.evaluation.coco import evaluate_coco, to_coco_results
+from frcnn_jax.evaluation.coco import evaluate_coco, to_coco_results, to_coco_results_with_masks
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN
 
 
@@ -49,8 +49,9 @@ def predict_dataset(
 
     Yields (batch, detections) per batch, detections in ORIGINAL image pixels:
     boxes [B, D, 4], scores [B, D], labels [B, D], valid [B, D] (numpy; padding
-    examples of the last batch have valid all False). forward: `make_forward(model)`
-    (default: a new one, compiled on first use).
+    examples of the last batch have valid all False), and for a Mask R-CNN model masks
+    [B, D, M, M] float32 (probabilities in each box's frame, unpasted). forward:
+    `make_forward(model)` (default: a new one, compiled on first use).
     """
     variables = _variables(variables)
     forward = make_forward(model) if forward is None else forward
@@ -66,7 +67,10 @@ def predict_dataset(
         boxes = np.stack([resize_boxes(b, size, orig) for b, size, orig in sizes])  # back to original pixels
         valid = out["valid"] & batch["valid"][:, None]
         bar.update(int(batch["valid"].sum()))
-        yield batch, {"boxes": boxes, "scores": out["scores"], "labels": out["labels"], "valid": valid}
+        det = {"boxes": boxes, "scores": out["scores"], "labels": out["labels"], "valid": valid}
+        if "masks" in out:
+            det["masks"] = out["masks"]
+        yield batch, det
     bar.close()
 
 
@@ -82,7 +86,13 @@ def evaluate_model(
     voc: bool = False,
     forward=None,
 ):
-    """COCO box AP of the model on `source` -> `CocoEvalResult` (and VOC AP when voc=True).
+    """COCO box AP (and mask AP) of the model on `source` -> `CocoEvalResult` (and VOC AP when voc=True).
+
+    A Mask R-CNN model is also evaluated on COCO "segm" (the result's `.segm`) when the
+    source's `coco_gt()` carries segmentations: each detection's mask is pasted into
+    its original image and RLE-encoded one at a time (`to_coco_results_with_masks`,
+    threshold 0.5), batch by batch, so neither [K, H, W] arrays nor the split's raw
+    masks are held. Without GT segmentations only bbox is evaluated.
 
     label_to_category_id: how model labels map to the source's category ids (default:
     the source's own map; torchvision's 91-class COCO models predict COCO ids directly).
@@ -96,25 +106,33 @@ def evaluate_model(
     process, processes = jax.process_index(), jax.process_count()
     if processes > 1:  # this host's copy of the replicated parameters; predicts on local devices
         variables = jax.device_get(_variables(variables))
-    rows = []
+    gt = source.coco_gt()
+    with_masks = bool(model.cfg.mask.enabled) and any("segmentation" in a for a in gt["annotations"])
+    rows, results = [], []
     predictions = predict_dataset(
         model, variables, source, config.data, max_images=max_images, progress=progress and process == 0,
         shard_index=process, shard_count=processes, forward=forward,
     )  # fmt: skip
     for batch, det in predictions:
         det["valid"] &= np.isin(det["labels"], labels_known)  # classes this dataset does not have
-        rows.append({"image_id": batch["image_id"], "image_valid": batch["valid"], **det})
+        row = {"image_id": batch["image_id"], "image_valid": batch["valid"], "orig_size": batch["orig_size"], **det}
+        if not with_masks:
+            row.pop("masks", None)
+        elif processes == 1:  # RLE now: the split's raw masks are never held
+            results += _row_results(row, mapping)
+            row.pop("masks")
+        rows.append(row)
     if processes > 1:
         rows = _gather_rows(rows)
-    results, seen, voc_gt, voc_dt = [], [], [], []
+    seen, voc_gt, voc_dt = [], [], []
     for row in rows:
         ids = row["image_id"][row["image_valid"]]
         seen.extend(int(i) for i in ids)
-        results += to_coco_results(row["image_id"], row["boxes"], row["scores"], row["labels"], mapping, row["valid"])
+        if not with_masks or processes > 1:
+            results += _row_results(row, mapping)
         if voc:
             for i in np.flatnonzero(row["image_valid"]):
                 voc_dt.append({k: row[k][i] for k in ("boxes", "scores", "labels", "valid")})
-    gt = source.coco_gt()
     if max_images:
         keep = set(seen)
         gt = dict(
@@ -146,6 +164,23 @@ def evaluate_model(
     return coco, evaluate_voc(voc_gt, voc_dt, len(names), names)
 
 
+def _row_results(row: dict, mapping) -> list[dict]:
+    """One batch's detections -> COCO results (with "segmentation" RLEs when the row has "masks").
+
+    row: image_id [B], boxes [B, D, 4] original pixels, scores / labels / valid [B, D],
+    orig_size [B, 2] (H, W), optional masks [B, D, M, M] float32.
+    """
+    if "masks" not in row:
+        return to_coco_results(row["image_id"], row["boxes"], row["scores"], row["labels"], mapping, row["valid"])
+    out = []
+    for i in range(len(row["image_id"])):
+        out += to_coco_results_with_masks(
+            int(row["image_id"][i]), row["boxes"][i], row["scores"][i], row["labels"][i], row["masks"][i],
+            tuple(int(v) for v in row["orig_size"][i]), mapping, row["valid"][i],
+        )  # fmt: skip
+    return out
+
+
 def _gather_rows(rows: list[dict]) -> list[dict]:
     """Every process's per-batch detection rows, process by process (a collective: all must call)."""
     from jax.experimental import multihost_utils
@@ -168,11 +203,14 @@ def predictions_png(
 ):
     """A grid PNG of the first `count` images of `source` with their detections ("name: score").
 
+    A Mask R-CNN model's masks are drawn as translucent fills in their boxes' colours.
+
     score_thresh: only detections scoring above it are drawn (a filter on the model's
     output: the program stays the evaluation's, no new compile).
     """
     from PIL import Image
 
+    from frcnn_jax import host_masks
     from frcnn_jax.detector import Detector
     from frcnn_jax.visualize import draw_detections
 
@@ -181,6 +219,7 @@ def predictions_png(
         model_cfg, _variables(variables), class_names=class_names, min_size=config.data.test_min_size,
         max_size=config.data.max_size, canvases=config.data.canvases,
         batch_size=config.data.eval_batch_size,  # the evaluation's program shape: no new compile
+        mask_output="box",  # pasted below, at the drawn scale
     )  # fmt: skip
     images = [source[i]["image"] for i in range(count)]
     tiles = []
@@ -190,7 +229,10 @@ def predictions_png(
         scale = max(1, 256 // max(im.shape[:2]))  # small images (shapes: 128 px) drawn 2x for legible captions
         if scale > 1:
             im = np.repeat(np.repeat(im, scale, axis=0), scale, axis=1)
-        tiles.append(draw_detections(im, d["boxes"] * scale, d["scores"], d["labels"], class_names))
+        masks = None
+        if "masks" in d:
+            masks = host_masks.iter_pasted_masks(d["masks"], d["boxes"] * scale, im.shape[:2])
+        tiles.append(draw_detections(im, d["boxes"] * scale, d["scores"], d["labels"], class_names, masks=masks))
     if not tiles:
         return None
     cols = min(4, len(tiles))

@@ -10,7 +10,8 @@
 The artifact FILE holds `jax.export.Exported.serialize()` of the forward pass with the
 weights baked in: `call(images float32 [B, H, W, 3], image_sizes int32 [B, 2]) ->
 {"boxes" float32 [B, D, 4], "labels" int32 [B, D], "scores" float32 [B, D], "valid"
-bool [B, D]}` (boxes in resized-image pixels). `FILE.json` (the sidecar) is the
+bool [B, D]}` (boxes in resized-image pixels); a Mask R-CNN model adds "masks" float32
+[B, D, M, M] (box-frame probabilities, pasted by the loader with `Detector`'s arithmetic). `FILE.json` (the sidecar) is the
 preprocessing contract. With several `--canvas` flags each canvas gets its own artifact,
 `<stem>-HxW<suffix>` beside FILE, all listed in the one sidecar `FILE.json`.
 The README ("Export and serving") has a recipe that runs an artifact without importing frcnn_jax.

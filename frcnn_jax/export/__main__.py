@@ -11,7 +11,9 @@ beside FILE. FILE.json (the sidecar) lists them with the preprocessing contract.
 loader's default number of images per call). Without --canvas, the checkpoint's own
 canvases (a training run's `data.canvases`) are used. --score-thresh, --nms-thresh and
 --detections-per-img replace the checkpoint's `roi_heads.postprocess` values in the
-exported program (the sidecar records the values baked in).
+exported program (the sidecar records the values baked in). A Mask R-CNN checkpoint's
+artifact adds the output "masks" [B, D, M, M] float32 (box-frame probabilities; the
+sidecar's "mask_postprocessing" says how to paste them, as `export.load` does).
 
 Exit codes: 0 written; 2 bad arguments (canvas, platform, dtype, batch, sizes, --out a
 directory); 1 the checkpoint cannot be used (missing, unreadable, backbone only) or the

@@ -34,6 +34,12 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DTYPES = ("float32", "bfloat16")
 INPUT_NAMES = ("images", "image_sizes")
 OUTPUT_NAMES = ("boxes", "labels", "scores", "valid")  # the output dict's keys, in its flattening order
+MASK_OUTPUT_NAMES = ("boxes", "labels", "masks", "scores", "valid")  # a Mask R-CNN model's (sorted keys)
+
+
+def output_names(model_config: ModelConfig) -> tuple[str, ...]:
+    """The serving outputs' names in their flattening order: OUTPUT_NAMES, plus "masks" for Mask R-CNN."""
+    return MASK_OUTPUT_NAMES if model_config.mask.enabled else OUTPUT_NAMES
 
 
 def parse_canvas(text: str) -> tuple[int, int]:
@@ -85,18 +91,25 @@ def forward_fn(model_config: ModelConfig, variables: dict):
       {"boxes": float32 [B, D, 4] (x1, y1, x2, y2) in resized-image (canvas) pixels,
        "scores": float32 [B, D], "labels": int32 [B, D], "valid": bool [B, D]};
       D = model_config.roi_heads.postprocess.detections_per_img, valid entries first by decreasing score.
+      A Mask R-CNN model (`model_config.mask.enabled`) adds "masks": float32 [B, D, M, M],
+      each detection's mask probabilities in its box's frame (M = 28 FPN, 14 C4; 0 for
+      invalid rows), to be pasted on the host (`host_masks`, the sidecar's
+      "mask_postprocessing").
     """
     model = FasterRCNN(model_config)
 
     def forward(images, image_sizes):
         baked = jax.lax.optimization_barrier(variables)
         out = model.apply(baked, images, image_sizes)
-        return {
+        result = {
             "boxes": out["boxes"].astype(jnp.float32),
             "labels": out["labels"].astype(jnp.int32),
             "scores": out["scores"].astype(jnp.float32),
             "valid": out["valid"].astype(bool),
         }
+        if "masks" in out:
+            result["masks"] = out["masks"].astype(jnp.float32)
+        return result
 
     return forward
 
@@ -132,9 +145,10 @@ def _spec(aval, name: str) -> dict:
 
 def artifact_signature(exported: jax.export.Exported) -> dict:
     """{"inputs": [...], "outputs": [...]}: name, shape (a symbolic dim as its name) and dtype of each."""
+    names = MASK_OUTPUT_NAMES if len(exported.out_avals) == len(MASK_OUTPUT_NAMES) else OUTPUT_NAMES
     return {
         "inputs": [_spec(a, n) for a, n in zip(exported.in_avals, INPUT_NAMES)],
-        "outputs": [_spec(a, n) for a, n in zip(exported.out_avals, OUTPUT_NAMES)],
+        "outputs": [_spec(a, n) for a, n in zip(exported.out_avals, names)],
     }
 
 
@@ -188,6 +202,7 @@ def sidecar_document(
             "padding_batch_entries": "static batch: unused entries are zero images with image_sizes (32, 32)",
         },
         "postprocessing": "keep valid; boxes (resized-image pixels) * (orig_w / w, orig_h / h, orig_w / w, orig_h / h)",
+        **(_mask_contract(model_config) if model_config.mask.enabled else {}),
         "class_names": list(names) if names is not None else None,
         "label_to_category_id": metadata.get("label_to_category_id"),
         "score_thresh": model_config.roi_heads.postprocess.score_thresh,
@@ -197,6 +212,21 @@ def sidecar_document(
         "source": metadata.get("source"),
         "jax_version": jax.__version__,
     }
+
+
+def _mask_contract(model_config: ModelConfig) -> dict[str, Any]:
+    """The sidecar's mask entries of a Mask R-CNN model: output name, resolution M, paste arithmetic."""
+    from frcnn_jax.modeling.architectures import architecture
+
+    return {
+        "masks": {"output": "masks", "shape": ["B", "D", "M", "M"], "dtype": "float32",
+                  "resolution": int(architecture(model_config).mask_resolution)},
+        "mask_postprocessing": "per valid detection, with its box in original pixels (postprocessing): torchvision's "
+        "paste_masks_in_image: pad the M x M mask by 1 (zeros); scale the box about its centre by (M + 2) / M "
+        "(float32); truncate to integers (x1, y1, x2, y2); resize the padded mask to (y2 - y1 + 1, x2 - x1 + 1) "
+        "(at least 1) bilinearly, align_corners=False (float32); place it at (x1, y1) clipped to the image; "
+        "foreground = probability > 0.5",
+    }  # fmt: skip
 
 
 def write_artifacts(out, exported: dict[tuple[int, int], jax.export.Exported], document: dict) -> pathlib.Path:

@@ -2,7 +2,7 @@
 
     det = load("model.jaxexport")              # reads model.jaxexport.json and its artifacts
     out = det([image_a, image_b])              # uint8 [H, W, 3] RGB arrays (PIL images work too)
-    out[0]["boxes"], out[0]["scores"], out[0]["labels"]
+    out[0]["boxes"], out[0]["scores"], out[0]["labels"]   # and out[0]["masks"] for Mask R-CNN
 
 Preprocessing follows the sidecar and is `Detector`'s own (the same resize, normalisation,
 canvas choice, batch padding and box rescaling functions), so an artifact exported from
@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from frcnn_jax.detector import BatchedDetector
+from frcnn_jax.detector import BatchedDetector, check_mask_options
 from frcnn_jax.export.artifact import SIDECAR_FORMAT, sidecar_path
 
 
@@ -63,6 +63,9 @@ class ExportedDetector(BatchedDetector):
         with `--score-thresh`). `score_threshold` is a deprecated alias.
       batch_size: images per call; default the artifact's batch. A static-batch artifact
         takes at most its batch (partial batches are padded as `Detector` pads them).
+      mask_threshold, mask_output: for a Mask R-CNN artifact (its outputs have "masks"),
+        each result's `masks`, pasted with `Detector`'s arithmetic (`host_masks`): as
+        `Detector`'s arguments ("image" [K, H, W] bool by default, "rle", "box").
     """
 
     def __init__(
@@ -73,10 +76,14 @@ class ExportedDetector(BatchedDetector):
         score_thresh: float | None = None,
         batch_size: int | None = None,
         score_threshold: float | None = None,
+        mask_threshold: float | None = 0.5,
+        mask_output: str = "image",
     ):
         if score_threshold is not None:
             warnings.warn("score_threshold= is deprecated; use score_thresh=", DeprecationWarning, 2)
             score_thresh = score_threshold if score_thresh is None else score_thresh
+        self.mask_output, self.mask_threshold = check_mask_options(mask_output, mask_threshold)
+        self.has_masks = "masks" in sidecar
         self.sidecar = sidecar
         self.exported = {tuple(c): e for c, e in exported.items()}
         self.canvases = [tuple(c) for c in sidecar["canvases"]]
@@ -108,13 +115,19 @@ class ExportedDetector(BatchedDetector):
 
 
 def load(
-    path, *, score_thresh: float | None = None, batch_size: int | None = None, score_threshold: float | None = None
+    path,
+    *,
+    score_thresh: float | None = None,
+    batch_size: int | None = None,
+    score_threshold: float | None = None,
+    mask_threshold: float | None = 0.5,
+    mask_output: str = "image",
 ) -> ExportedDetector:
     """Reads the artifact(s) named by `path` and its sidecar `path.json` -> `ExportedDetector`.
 
     path: the `--out` FILE given to `python -m frcnn_jax.export` (with several canvases the
-    per-canvas files beside it are read through the sidecar). score_thresh, batch_size:
-    as `ExportedDetector`.
+    per-canvas files beside it are read through the sidecar). score_thresh, batch_size,
+    mask_threshold, mask_output: as `ExportedDetector`.
     """
     path = pathlib.Path(path)
     doc = read_sidecar(path)
@@ -122,4 +135,7 @@ def load(
     if score_threshold is not None:
         warnings.warn("score_threshold= is deprecated; use score_thresh=", DeprecationWarning, 2)
         score_thresh = score_threshold if score_thresh is None else score_thresh
-    return ExportedDetector(doc, exported, score_thresh=score_thresh, batch_size=batch_size)
+    return ExportedDetector(
+        doc, exported, score_thresh=score_thresh, batch_size=batch_size, mask_threshold=mask_threshold,
+        mask_output=mask_output,
+    )  # fmt: skip
