@@ -1,6 +1,7 @@
-"""Accelerator benchmark: R-50-FPN and R-50-C4 training and inference throughput on JAX's default backend.
+"""Accelerator benchmark: R-50-FPN, R-50-C4 and Mask R-CNN R-50-FPN training and inference throughput
+on JAX's default backend.
 
-    python benchmarks/accelerator.py [--smoke] [--out DIR] [--models fpn,c4] [--dtypes bfloat16,float32]
+    python benchmarks/accelerator.py [--smoke] [--out DIR] [--models fpn,c4,maskfpn] [--dtypes bfloat16,float32]
 
 What it measures, on whatever backend `jax.default_backend()` finds (GPU, TPU or CPU):
 
@@ -17,9 +18,12 @@ What it measures, on whatever backend `jax.default_backend()` finds (GPU, TPU or
 Both in bfloat16 and float32 compute (`ModelConfig.dtype`; parameters stay float32), on
 an 800x1344 canvas (images 800x1333, the COCO maximum) with synthetic data: coarse block
 noise plus solid rectangles, already normalised, and 3-8 random ground-truth boxes per image
-padded to 100 rows, in the batch format of `frcnn_jax.data.pipeline`. Parameters are
-`init_variables`' random initialisation (a from-scratch run's weights); model
-hyperparameters are those of configs/r50_fpn_coco.py and configs/r50_c4_coco.py.
+padded to 100 rows, in the batch format of `frcnn_jax.data.pipeline`; the Mask R-CNN
+("maskfpn") batches add each box's mask as the pipeline crops it (`gt_masks` [B, G, 112, 112]
+uint8, `gt_mask_boxes`: the solid rectangle drawn at the box, with the crop's one-cell zero
+border). Parameters are `init_variables`' random initialisation (a from-scratch run's weights);
+model hyperparameters are those of configs/r50_fpn_coco.py, configs/r50_c4_coco.py and
+configs/maskrcnn_r50_fpn_coco.py.
 
 Per row: img/s (all devices and per device) from the median of 5 timed steps after 3
 warm-up steps (`block_until_ready` on every output, the new train state included);
@@ -91,7 +95,7 @@ if REPO not in sys.path:
     sys.path.insert(1, REPO)  # a plain checkout (frcnn_jax not installed) works too
 
 from _timing import machine_line, median_seconds, print_table  # noqa: E402
-from frcnn_jax.modeling.config import ModelConfig, r50_c4, r50_fpn  # noqa: E402
+from frcnn_jax.modeling.config import ModelConfig, maskrcnn_r50_fpn, r50_c4, r50_fpn  # noqa: E402
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables  # noqa: E402
 from frcnn_jax.training import sharding  # noqa: E402
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule  # noqa: E402
@@ -100,7 +104,13 @@ from frcnn_jax.training.train_step import create_train_state, make_train_step  #
 GIB = 1024**3
 
 # Detectron2 MODEL_ZOO, per V100 (REFERENCE.md): training img/s, inference img/s (1 / s per image).
-D2_V100 = {"fpn": {"train": 9.5, "infer": 1 / 0.038}, "c4": {"train": 3.6, "infer": 1 / 0.102}}
+# Mask R-CNN R50-FPN 1x: 0.261 s/iter at 16 images on 8 V100s (REFERENCE.md) = 7.66 img/s per V100 (training only).
+D2_V100 = {
+    "fpn": {"train": 9.5, "infer": 1 / 0.038},
+    "c4": {"train": 3.6, "infer": 1 / 0.102},
+    "maskfpn": {"train": 16 / 0.261 / 8},
+}
+MASK_CROP = 112  # the host's mask crop size S of the Mask R-CNN batches (data.mask_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +131,7 @@ class Profile:
     steps: int
     models: dict  # arch -> ModelSpec
     compare_d2: bool  # the real models: report the ratio to Detectron2's per-V100 figures
+    mask_crop: int = MASK_CROP  # S of the Mask R-CNN batches' gt_masks
 
 
 FULL = Profile(
@@ -153,6 +164,18 @@ FULL = Profile(
                 total_steps=180_000,
             ),  # fmt: skip
         ),
+        # configs/maskrcnn_r50_fpn_coco.py: torchvision's maskrcnn_resnet50_fpn v1.
+        "maskfpn": ModelSpec(
+            "Mask R-CNN R-50-FPN",
+            maskrcnn_r50_fpn(num_classes=81).to_dict(),
+            OptimConfig(
+                base_lr=0.02,
+                warmup_steps=1000,
+                warmup_factor=1e-3,
+                decay_steps=(117_280, 161_260),
+                total_steps=190_580,
+            ),  # fmt: skip
+        ),
     },
 )
 
@@ -164,6 +187,11 @@ _TINY = {  # dotted ModelConfig fields
 }  # fmt: skip
 _TINY_OPTIM = OptimConfig(base_lr=0.01, warmup_steps=0)
 
+_TINY_FPN = {
+    **_TINY, "arch": "fpn", "backbone.fpn_channels": 16, "roi_heads.representation_size": 32,
+    "roi_heads.pooler.resolution": 7, "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0),
+}  # fmt: skip
+
 SMOKE = Profile(
     canvas=(64, 64),
     image=(64, 56),
@@ -173,22 +201,25 @@ SMOKE = Profile(
     warmup=1,
     steps=2,
     compare_d2=False,
+    mask_crop=16,
     models={
-        "fpn": ModelSpec(
-            "R-18-FPN w8",
-            {
-                **_TINY,
-                "arch": "fpn",
-                "backbone.fpn_channels": 16,
-                "roi_heads.representation_size": 32,
-                "roi_heads.pooler.resolution": 7,
-                "anchors.sizes": (16.0, 32.0, 64.0, 128.0, 256.0),
-            },  # fmt: skip
-            _TINY_OPTIM,
-        ),
+        "fpn": ModelSpec("R-18-FPN w8", _TINY_FPN, _TINY_OPTIM),
         "c4": ModelSpec(
             "R-18-C4 w8",
             {**_TINY, "arch": "c4", "roi_heads.pooler.resolution": 6, "anchors.sizes": (16.0, 32.0, 64.0)},
+            _TINY_OPTIM,
+        ),
+        "maskfpn": ModelSpec(
+            "R-18-FPN w8 Mask R-CNN",
+            {
+                **_TINY_FPN,
+                "mask": {
+                    "enabled": True,
+                    "pooler": {"resolution": 7, "sampling_ratio": 2},
+                    "conv_channels": (16, 16),
+                    "predictor_channels": 16,
+                },
+            },  # fmt: skip
             _TINY_OPTIM,
         ),
     },
@@ -252,11 +283,16 @@ def host_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def synthetic_batch(batch: int, canvas, image_hw, max_gt: int, num_classes: int, seed: int = 0) -> dict:
+def synthetic_batch(
+    batch: int, canvas, image_hw, max_gt: int, num_classes: int, seed: int = 0, mask_crop: int = 0
+) -> dict:
     """A training batch like frcnn_jax.data.pipeline's: normalised images, GT padded to max_gt rows.
 
     Images: coarse block noise plus a solid rectangle at each box (so the RPN has edges to
-    find), zero outside image_hw. Labels 1..num_classes (foreground classes).
+    find), zero outside image_hw. Labels 1..num_classes (foreground classes). mask_crop S > 0
+    adds the Mask R-CNN fields as `data.masks` batches them: gt_masks uint8 [B, max_gt, S, S]
+    (each rectangle's mask: 255 inside, the crop's one-cell border 0) and gt_mask_boxes float32
+    [B, max_gt, 4] (the box widened by one cell on each side), zeros in padding rows.
     """
     rng = np.random.default_rng(seed)
     (hc, wc), (h, w) = canvas, image_hw
@@ -276,7 +312,7 @@ def synthetic_batch(batch: int, canvas, image_hw, max_gt: int, num_classes: int,
             labels[i, j] = rng.integers(1, num_classes + 1)
             valid[i, j] = True
             images[i, int(y1) : int(y1 + bh), int(x1) : int(x1 + bw)] = rng.normal(0, 1.2, 3)
-    return {
+    out = {
         "image": images,
         "image_size": np.tile(np.array([h, w], np.int32), (batch, 1)),
         "boxes": boxes,
@@ -284,6 +320,16 @@ def synthetic_batch(batch: int, canvas, image_hw, max_gt: int, num_classes: int,
         "gt_valid": valid,
         "is_crowd": np.zeros((batch, max_gt), bool),
     }
+    if mask_crop:
+        s = int(mask_crop)
+        crop = np.zeros((s, s), np.uint8)
+        crop[1:-1, 1:-1] = 255
+        margin = (boxes[..., 2:] - boxes[..., :2]) / (s - 2)  # [B, G, 2] one cell (x, y)
+        out["gt_masks"] = np.where(valid[:, :, None, None], crop, 0).astype(np.uint8)
+        out["gt_mask_boxes"] = np.where(
+            valid[..., None], np.concatenate([boxes[..., :2] - margin, boxes[..., 2:] + margin], -1), 0
+        ).astype(np.float32)
+    return out
 
 
 def abstract(tree):
@@ -382,7 +428,10 @@ class Benchmark:
             classes = min(
                 int(self.overrides.get("num_classes", s.model.get("num_classes", 81))) for s in p.models.values()
             )
-            self._batches[global_batch] = synthetic_batch(global_batch, p.canvas, p.image, p.max_gt, classes - 1)
+            masks = any(bool(p.models[a].model.get("mask", {}).get("enabled")) for a in self.archs)
+            self._batches[global_batch] = synthetic_batch(
+                global_batch, p.canvas, p.image, p.max_gt, classes - 1, mask_crop=p.mask_crop if masks else 0
+            )
         return self._batches[global_batch]
 
     def lower(self, job: Job):
@@ -523,7 +572,7 @@ class Benchmark:
             res.update(status="oom" if last.startswith("oom") else "error", error=last)
             return res
         img_s = m["images"] / m["seconds"]
-        ref = D2_V100[row.arch][row.mode] if self.profile.compare_d2 else None
+        ref = D2_V100[row.arch].get(row.mode) if self.profile.compare_d2 else None
         res.update(
             status="ok", global_batch=m["images"], step_s=m["seconds"], img_s=img_s, img_s_per_device=img_s / m["devices"],
             vs_d2_v100=(img_s / m["devices"] / ref) if ref else None, compile_s=job.compile_s,
@@ -594,7 +643,7 @@ def _num(x: float) -> str:
 def title(bench: Benchmark, smoke: bool) -> str:
     p = bench.profile
     return (
-        f"Faster R-CNN {'SMOKE (tiny models) ' if smoke else ''}on {jax.default_backend()}, "
+        f"Faster / Mask R-CNN {'SMOKE (tiny models) ' if smoke else ''}on {jax.default_backend()}, "
         f"canvas {p.canvas[0]}x{p.canvas[1]}: train = jitted train step, data-parallel over "
         f"{bench.n_devices} device(s); infer = jitted forward on 1 device; "
         f"median of {p.steps} steps after {p.warmup} warm-up; {machine_line()}"
@@ -619,8 +668,8 @@ def notes(bench: Benchmark, smoke: bool, elapsed: float) -> list[str]:
     ]
     if not smoke:
         out.append(
-            "vs D2 V100: img/s per device / Detectron2 per-V100 (train 9.5 img/s R50-FPN, 3.6 R50-C4; "
-            "inference 1/0.038 and 1/0.102 img/s; /work/shared/design/REFERENCE.md)."
+            "vs D2 V100: img/s per device / Detectron2 per-V100 (train 9.5 img/s R50-FPN, 3.6 R50-C4, "
+            "7.66 Mask R-CNN R50-FPN; inference 1/0.038 and 1/0.102 img/s; /work/shared/design/REFERENCE.md)."
         )
     out.append(f"Total run time {elapsed:.0f} s.")
     return out
@@ -667,7 +716,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes (CPU, test suite)")
     p.add_argument("--out", help="output directory, or a .md/.json path (default: benchmarks/results/)")
-    p.add_argument("--models", default="fpn,c4", help="comma-separated: fpn, c4")
+    p.add_argument("--models", default="fpn,c4,maskfpn", help="comma-separated: fpn, c4, maskfpn (Mask R-CNN)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated: bfloat16, float32")
     p.add_argument("--modes", default="train,infer", help="comma-separated: train, infer")
     p.add_argument("--train-batches", help="per-device training batches to try, largest first (default 16,8,4,2)")

@@ -10,7 +10,7 @@ torchvision's nearest resize) and, for every other image, flipped; its ROIs are 
 ground-truth box and `--jitters` boxes jittered like proposals (each coordinate moved by
 N(0, 0.1 x size), kept when IoU >= 0.5 with the box, the foreground threshold). Targets:
 torchvision's `project_masks_on_boxes` on the full-resolution masks (the reference) and
-`frcnn_jax.modeling.mask_targets.mask_targets` on the host crops of `frcnn_jax.data.masks`.
+`frcnn_jax.modeling.mask_head.mask_targets` on the host crops of `frcnn_jax.data.masks`.
 Printed: the mean absolute difference over all targets' pixels, its worst ROI, and the
 IoU of the targets thresholded at 0.5 (all ROIs' pixels pooled, and the per-ROI mean).
 """
@@ -53,7 +53,7 @@ def measure(annotations=DEFAULT_ANNOTATIONS, *, crop_size=112, mask_size=28, jit
 
     from frcnn_jax.data import masks as host_masks
     from frcnn_jax.data.transforms import hflip, resize_boxes, resized_hw
-    from frcnn_jax.modeling import mask_targets as mt
+    from frcnn_jax.modeling import mask_head as mt
 
     data = json.loads(pathlib.Path(annotations).read_text())
     per_image = {}

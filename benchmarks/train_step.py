@@ -1,12 +1,15 @@
 """Training-step speed: frcnn_jax vs torchvision on CPU, same architecture and batch, same run.
 
-    python benchmarks/train_step.py [--models c4,fpn,small] [--repeats 3]
+    python benchmarks/train_step.py [--models c4,fpn,maskfpn,small] [--repeats 3]
     python benchmarks/train_step.py --remat none,backbone,all [--cpu-scheduler default,memory]
-    python benchmarks/train_step.py --smoke [--remat none,all]   # R-18-FPN on 64x96, one repeat (the suite runs it)
+    python benchmarks/train_step.py --smoke [--remat none,all]   # R-18-FPN (+ mask) on 64x96, one repeat (the suite runs it)
 
 Models: R-50-C4 (the slides' model) and R-50-FPN (torchvision v1) on 800x1066 images
 (canvas 800x1088), batch 2; "small": R-18-FPN (torchvision's resnet18 layout, 64-wide
-stem) on 128x128 images, batch 8. Each framework runs in its own child process (peak
+stem) on 128x128 images, batch 8; "maskfpn": Mask R-CNN R-50-FPN (torchvision's
+maskrcnn_resnet50_fpn v1: mask head 4 x conv 256, 28x28 masks) on fpn's batch plus a mask
+per box (JAX trains on the host's 112x112 crops, torchvision on the full-resolution masks),
+so its row beside "fpn" shows what the mask branch costs. Each framework runs in its own child process (peak
 memory is per framework): forward, the four losses, backward and an SGD update, with
 the same sampling sizes (RPN 256 anchors, box head 512 ROIs per image; small: 128 and 64)
 and frozen batch norm on both sides. Reported: median seconds per step (compile
@@ -50,27 +53,40 @@ from _timing import machine_line, print_table  # noqa: E402
 from frcnn_jax.training.host_memory import CPU_SCHEDULERS, release_freed_heap  # noqa: E402
 
 SPECS = {
-    # name: (arch, depth, image hw, canvas hw, batch, rpn per image, rois per image)
-    "c4": ("c4", 50, (800, 1066), (800, 1088), 2, 256, 512),
-    "fpn": ("fpn", 50, (800, 1066), (800, 1088), 2, 256, 512),
-    "fpn1344": ("fpn", 50, (800, 1333), (800, 1344), 2, 256, 512),  # the widest COCO canvas (--remat)
-    "small": ("fpn", 18, (128, 128), (128, 128), 8, 128, 64),
+    # name: (arch, depth, image hw, canvas hw, batch, rpn per image, rois per image, Mask R-CNN)
+    "c4": ("c4", 50, (800, 1066), (800, 1088), 2, 256, 512, False),
+    "fpn": ("fpn", 50, (800, 1066), (800, 1088), 2, 256, 512, False),
+    "maskfpn": ("fpn", 50, (800, 1066), (800, 1088), 2, 256, 512, True),  # fpn's batch + masks
+    "fpn1344": ("fpn", 50, (800, 1333), (800, 1344), 2, 256, 512, False),  # the widest COCO canvas (--remat)
+    "small": ("fpn", 18, (128, 128), (128, 128), 8, 128, 64, False),
     # --smoke: the same code paths on tiny inputs
-    "smoke": ("fpn", 18, (64, 96), (64, 96), 2, 32, 16),
+    "smoke": ("fpn", 18, (64, 96), (64, 96), 2, 32, 16, False),
+    "smoke_mask": ("fpn", 18, (64, 96), (64, 96), 2, 32, 16, True),
 }
-SMOKE_MODELS = "smoke"
+SMOKE_MODELS = "smoke,smoke_mask"
+MASK_CROP = 112  # JAX's host crop size S (data.mask_size of the COCO mask configs)
 
 
 def model_label(name: str, spec) -> str:
     arch, depth, (h, w) = spec[0], spec[1], spec[2]
-    return f"R-{depth}-{arch.upper()} {h}x{w}"
+    return f"R-{depth}-{arch.upper()} {h}x{w}" + (" Mask R-CNN" if spec[7] else "")
+
+
+def box_masks(boxes, h: int, w: int):
+    """uint8 [N, h, w]: the ellipse inscribed in each box (x1, y1, x2, y2), the instances' masks."""
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    out = np.zeros((len(boxes), h, w), np.uint8)
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, np.float64)):
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, max((x2 - x1) / 2, 1), max((y2 - y1) / 2, 1)
+        out[i] = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+    return out
 
 
 def make_batch(spec, seed=0):
     """Images (uint8 HWC) and GT (boxes xyxy, labels 1..80) shared by both frameworks."""
     from frcnn_jax.testing import torch_reference as tr
 
-    _, _, (h, w), _, b, _, _ = spec
+    _, _, (h, w), _, b = spec[:5]
     rng = np.random.default_rng(seed)
     images, boxes, labels = [], [], []
     for _ in range(b):
@@ -114,22 +130,22 @@ SCHEDULERS = tuple(CPU_SCHEDULERS)
 def child_torch(name, spec, repeats, threads, batch_file):
     import torch
     import torchvision
-    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
 
     from frcnn_jax.testing import torch_reference as tr
 
     torch.set_num_threads(threads)
-    arch, depth, (h, w), _, b, rpn_n, roi_n = spec
+    arch, depth, (h, w), _, b, rpn_n, roi_n, mask = spec
     kw = dict(rpn_batch_size_per_image=rpn_n, box_batch_size_per_image=roi_n, min_size=h, max_size=max(h, w))
     if arch == "c4":
         model = tr.build_c4(num_classes=81, **kw)
     elif depth == 50:
-        model = tr.build_fpn(num_classes=81, eps=1e-5, **kw)
+        model = (tr.build_maskrcnn_fpn if mask else tr.build_fpn)(num_classes=81, eps=1e-5, **kw)
     else:
         resnet = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
-        model = FasterRCNN(
+        model = (MaskRCNN if mask else FasterRCNN)(
             _resnet_fpn_extractor(resnet, 5),
             num_classes=81,
             rpn_pre_nms_top_n_train=600,
@@ -140,6 +156,9 @@ def child_torch(name, spec, repeats, threads, batch_file):
     images, boxes, labels = load_batch(batch_file)
     imgs = [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in images]
     targets = [{"boxes": torch.from_numpy(bx), "labels": torch.from_numpy(lb)} for bx, lb in zip(boxes, labels)]
+    if mask:  # full-resolution masks, as torchvision's transform resizes them (here: no resize)
+        for t, bx in zip(targets, boxes):
+            t["masks"] = torch.from_numpy(box_masks(bx, h, w))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
 
@@ -163,13 +182,14 @@ def child_torch(name, spec, repeats, threads, batch_file):
 def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", scheduler="default", malloc_trim=False):
     import jax
 
+    from frcnn_jax.data import masks as host_masks
     from frcnn_jax.data import transforms
     from frcnn_jax.modeling.config import ModelConfig
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
     from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
     from frcnn_jax.training.train_step import create_train_state, make_train_step
 
-    arch, depth, (h, w), canvas, b, rpn_n, roi_n = spec
+    arch, depth, (h, w), canvas, b, rpn_n, roi_n, mask = spec
     kw = {"arch": arch, "backbone.depth": depth, "num_classes": 81, "rpn.assigner.batch_size_per_image": rpn_n,
           "roi_heads.assigner.batch_size_per_image": roi_n, "dtype": dtype, "remat": remat}  # fmt: skip
     if arch == "fpn":
@@ -178,6 +198,9 @@ def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", sc
     if depth == 18 and arch == "fpn":
         kw.update({"rpn.train": {"pre_nms_top_n": 600, "post_nms_top_n": 128},
                    "anchors.sizes": (32.0, 64.0, 128.0, 256.0, 512.0)})  # fmt: skip
+    if mask:  # torchvision's mask branch (`config.maskrcnn_r50_fpn`'s)
+        kw["mask"] = {"enabled": True, "pooler": {"resolution": 14, "sampling_ratio": 2, "aligned": False},
+                      "conv_channels": (256, 256, 256, 256), "predictor_channels": 256}  # fmt: skip
     cfg = ModelConfig.from_dict(kw)
     model = FasterRCNN(cfg)
     variables = init_variables(model, jax.random.key(0))
@@ -196,6 +219,11 @@ def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", sc
         "gt_valid": np.stack([np.arange(g) < len(bx) for bx in boxes]),
         "is_crowd": np.zeros((b, g), bool),
     }
+    if mask:  # the pipeline's representation: each mask cropped to its support at S x S (data.masks)
+        crops = [host_masks.crop_instance_masks(box_masks(bx, h, w), (h, w), False, MASK_CROP) for bx in boxes]
+        padded = [host_masks.pad_masks(c, cb, g) for c, cb in crops]
+        batch["gt_masks"] = np.stack([p["gt_masks"] for p in padded])
+        batch["gt_mask_boxes"] = np.stack([p["gt_mask_boxes"] for p in padded])
     t0 = time.perf_counter()
     step = step.lower(state, batch).compile(CPU_SCHEDULERS[scheduler] or None)
     compile_s = time.perf_counter() - t0
@@ -242,7 +270,7 @@ def remat_table(args, settings, schedulers, tmp):
         save_batch(batch_file, spec)
         t = run_child("torch", name, args, batch_file)
         print(f"done {name} torch", file=sys.stderr)
-        label = f"R-{spec[1]}-{spec[0].upper()} {spec[2][0]}x{spec[2][1]} (canvas {spec[3][0]}x{spec[3][1]})"
+        label = f"{model_label(name, spec)} (canvas {spec[3][0]}x{spec[3][1]})"
         rows.append([label, spec[4], "torchvision", "-", f"{t['step_s']:.2f}", "-", "1.00x",
                      f"{t['peak_mb'] / 1024:.2f}", "-", "1.00x", "-", "-"])  # fmt: skip
         res = {}
@@ -259,7 +287,7 @@ def remat_table(args, settings, schedulers, tmp):
     return rows
 
 
-DEFAULT_MODELS = "c4,fpn,small"
+DEFAULT_MODELS = "c4,fpn,maskfpn,small"
 
 
 def main(argv=None):
@@ -278,7 +306,9 @@ def main(argv=None):
     p.add_argument("--cpu-scheduler", default="default", help=f"with --remat: comma-separated, of {list(SCHEDULERS)}")
     p.add_argument("--malloc-trim", action="store_true", help="JAX: malloc_trim(0) after compiling (see above)")
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
-    p.add_argument("--smoke", action="store_true", help="a tiny R-18-FPN on 64x96 images, one repeat")
+    p.add_argument(
+        "--smoke", action="store_true", help="a tiny R-18-FPN and its Mask R-CNN on 64x96 images, one repeat"
+    )
     args = p.parse_args(argv)
     if args.smoke and not args.child:
         args.models, args.repeats = args.models or SMOKE_MODELS, 1
@@ -376,7 +406,7 @@ def default_main(args, tmp):
         import torchvision
 
         print_table(
-            f"Training step (forward, 4 losses, backward, SGD), CPU, {args.threads} threads"
+            f"Training step (forward, the losses (4; Mask R-CNN 5), backward, SGD), CPU, {args.threads} threads"
             f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}; torchvision "
             f"{torchvision.__version__} (torch {torch.__version__}); {machine_line()}",
             [

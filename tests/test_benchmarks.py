@@ -127,7 +127,7 @@ def test_accelerator_smoke_runs_with_only_the_gpu_machines_packages(tmp_path):
     python = accelerator_python()
     probe = subprocess.run([python, "-c", "import jax; print(jax.__version__)"], capture_output=True, text=True)
     assert probe.returncode == 0, f"{python} cannot import jax:\n{probe.stderr[-2000:]}"
-    # bfloat16 only (the accelerator dtype; float32 runs everywhere else in the suite): 4 programs to compile.
+    # bfloat16 only (the accelerator dtype; float32 runs everywhere else in the suite): 6 programs to compile.
     cmd = [python, "-c", _BLOCKED_RUN, ",".join(FORBIDDEN), str(REPO), "--", str(SCRIPT), "--smoke",
            "--dtypes", "bfloat16", "--out", str(tmp_path)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=_subprocess_env(2), cwd=tmp_path, timeout=900)
@@ -150,14 +150,14 @@ def test_accelerator_smoke_runs_with_only_the_gpu_machines_packages(tmp_path):
     assert f"jax {probe.stdout.strip()}," in doc["machine"]  # ran on the interpreter asked for
     print(f"accelerator smoke ran on {python}: {doc['machine']}")
     rows = {(r["arch"], r["dtype"], r["mode"]): r for r in doc["rows"]}
-    expected = {(a, "bfloat16", m) for a in ("fpn", "c4") for m in ("train", "infer")}
+    expected = {(a, "bfloat16", m) for a in ("fpn", "c4", "maskfpn") for m in ("train", "infer")}
     assert set(rows) == expected
     for key, r in rows.items():
         assert r["status"] == "ok", (key, r)
         assert r["img_s"] > 0 and r["img_s_per_device"] > 0 and r["compile_s"] > 0, (key, r)
         assert r["peak_gb"] is None  # CPU: no device memory statistics
     assert all(rows[(a, d, "train")]["devices"] == 2 and rows[(a, d, "train")]["batch_per_device"] == 2
-               for a in ("fpn", "c4") for d in ("bfloat16",))  # fmt: skip
+               for a in ("fpn", "c4", "maskfpn") for d in ("bfloat16",))  # fmt: skip
 
     # The printed table: a row per (model, dtype, mode) with a positive img/s.
     lines = [line for line in out.stdout.splitlines() if line.startswith("| ")]
@@ -165,12 +165,12 @@ def test_accelerator_smoke_runs_with_only_the_gpu_machines_packages(tmp_path):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
     col = {name: header.index(name) for name in ("model", "dtype", "mode", "img/s", "peak GB")}
     printed = {(c[col["model"]], c[col["dtype"]], c[col["mode"]]): c for c in cells}
-    names = {"fpn": "R-18-FPN w8", "c4": "R-18-C4 w8"}
+    names = {"fpn": "R-18-FPN w8", "c4": "R-18-C4 w8", "maskfpn": "R-18-FPN w8 Mask R-CNN"}
     assert set(printed) == {(names[a], d, m) for a, d, m in expected}
     for c in printed.values():
         assert float(c[col["img/s"]]) > 0 and c[col["peak GB"]] == "n/a"
     assert "process peak RSS" in out.stdout and "process peak RSS" in md.read_text()
-    assert md.read_text().count("| R-18-") == 4
+    assert md.read_text().count("| R-18-") == 6
 
 
 # --- every other benchmark script: --smoke prints its table --------------------------------------
@@ -179,7 +179,7 @@ SMOKE_RUNS = {
     "ops.py": ([], ["nms iou 0.7", "roi_align fwd sr=0", "roi_align fwd+bwd sr=0", "roi_align fwd sr=2",
                     "roi_align fwd+bwd sr=2", "encode_boxes", "decode_boxes"], ["JAX ms", "torchvision ms"]),
     "inference.py": ([], ["R-50-C4", "R-50-FPN", "Mask R-CNN R-50-FPN"], ["torchvision s/img", "JAX s/img"]),
-    "train_step.py": ([], ["R-18-FPN 64x96"], ["torchvision s/step", "JAX s/step"]),
+    "train_step.py": ([], ["R-18-FPN 64x96", "R-18-FPN 64x96 Mask R-CNN"], ["torchvision s/step", "JAX s/step"]),
     "train_loop.py": ([], ["default"], ["loop img/s", "bare step img/s"]),
     "mask_target_fidelity.py": ([], ["112"], ["ROIs"]),
     "input_pipeline.py": ([], ["train pipeline, coco128 800/1333, batch 2", "train pipeline, shapes 128x128, batch 8",

@@ -86,6 +86,20 @@ def test_train_one_line_errors_at_start(tmp_path):
         "(min_size 128, max_size 256); add a canvas of at least (128, 256) (data.min_size=(128,), "
         "data.test_min_size=128, data.max_size=256)"
     ], r.stderr
+    # a Mask R-CNN on a source without masks: refused at start, naming the source
+    r = _run("train.py", "--config=tests/tiny_config.py:mask", f"--workdir={tmp_path / 'w'}",
+             "--config.data.source=tfds")  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: model.mask.enabled=True (Mask R-CNN) trains on instance masks, but the source tfds coco/2017 "
+        "(data.source='tfds') carries none; use data.source=coco_json (COCO JSON segmentations), shapes, or a "
+        "source with has_masks"
+    ], r.stderr
+    r = _run("train.py", "--config=tests/tiny_config.py:mask", f"--workdir={tmp_path / 'w'}",
+             "--config.model.mask.conv_channels=(0,)")  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: model.mask.conv_channels="), (
+        r.stderr
+    )
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "w").exists()
 
 

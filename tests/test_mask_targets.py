@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from frcnn_jax.data import masks as host_masks
-from frcnn_jax.modeling import mask_targets as mt
+from frcnn_jax.modeling import mask_head as mt
 
 M = 28
 

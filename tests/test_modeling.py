@@ -66,10 +66,21 @@ def test_config_files_build_their_model_config():
     from conftest import REPO
 
     sys.path.insert(0, str(REPO))
-    for name in ("default", "shapes_c4", "r50_c4_coco", "r50_c4_voc", "r50_fpn_coco", "coco128_fpn"):
+    masked = ("shapes_mask", "maskrcnn_r50_fpn_coco", "maskrcnn_r50_c4_coco")
+    for name in ("default", "shapes_c4", "r50_c4_coco", "r50_c4_voc", "r50_fpn_coco", "coco128_fpn", *masked):
         config = importlib.import_module(f"configs.{name}").get_config()
         cfg = ModelConfig.from_dict(config.model.to_dict())
         assert cfg.num_classes >= 2 and "total_steps" not in config.optim
+        assert cfg.mask.enabled == (name in masked) == bool(config.data.masks)
+    from frcnn_jax.modeling import config as recipes
+
+    # the COCO mask recipes are the package's, unchanged
+    fpn = importlib.import_module("configs.maskrcnn_r50_fpn_coco").get_config()
+    assert ModelConfig.from_dict(fpn.model.to_dict()) == recipes.maskrcnn_r50_fpn(num_classes=81)
+    assert (fpn.train.num_steps, fpn.optim.decay_steps, fpn.optim.base_lr) == (26 * 7330, (16 * 7330, 22 * 7330), 0.02)
+    c4 = importlib.import_module("configs.maskrcnn_r50_c4_coco").get_config()
+    assert ModelConfig.from_dict(c4.model.to_dict()) == recipes.maskrcnn_r50_c4(num_classes=81)
+    assert (c4.train.num_steps, c4.data.batch_size, c4.optim.base_lr) == (180_000, 8, 0.01)
     config = importlib.import_module("configs.r50_fpn_coco").get_config()
     config.model.rpn.nms_thresh = 0.6
     assert ModelConfig.from_dict(config.model.to_dict()).rpn.nms_thresh == 0.6

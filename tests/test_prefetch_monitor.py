@@ -9,10 +9,11 @@ import pytest
 
 from frcnn_jax.data.pipeline import build_iterator
 from frcnn_jax.data.shapes import ShapesDataset
+from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.training import monitor as monitor_lib
 from frcnn_jax.training import sharding
 from frcnn_jax.training.prefetch import DevicePrefetcher
-from frcnn_jax.training.train_step import METRIC_NAMES
+from frcnn_jax.training.train_step import metric_names
 
 
 def _host_iterator(seed=0):
@@ -74,7 +75,7 @@ def test_prefetcher_raises_the_producer_error_in_the_consumer():
 
 
 def _metrics(loss, **over):
-    m = {name: jnp.float32(1.0) for name in METRIC_NAMES}
+    m = {name: jnp.float32(1.0) for name in metric_names(ModelConfig())}
     m["loss"] = jnp.float32(loss)
     m.update({k: jnp.float32(v) for k, v in over.items()})
     return m
@@ -82,7 +83,7 @@ def _metrics(loss, **over):
 
 def test_monitor_window_means_and_first_non_finite_step():
     acc = jax.jit(monitor_lib.accumulate)
-    mon = monitor_lib.init_monitor(METRIC_NAMES)
+    mon = monitor_lib.init_monitor(metric_names(ModelConfig()))
     mon = acc(mon, _metrics(1.0), jnp.int32(1))
     mon = acc(mon, _metrics(3.0), jnp.int32(2))
     host = jax.device_get(mon)
@@ -103,7 +104,7 @@ def test_monitor_window_means_and_first_non_finite_step():
 
 def test_monitor_checks_the_gradient_norm_too():
     mon = monitor_lib.accumulate(
-        monitor_lib.init_monitor(METRIC_NAMES), _metrics(1.0, grad_norm=float("inf")), jnp.int32(7)
+        monitor_lib.init_monitor(metric_names(ModelConfig())), _metrics(1.0, grad_norm=float("inf")), jnp.int32(7)
     )
     assert monitor_lib.divergence_message(jax.device_get(mon)) == "non-finite loss at step 7: grad_norm=inf"
 

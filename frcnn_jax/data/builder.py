@@ -105,6 +105,11 @@ def _num_workers(data) -> int:
     return workers
 
 
+def source_has_masks(name: str) -> bool:
+    """Whether the built-in source `name` (one of SOURCES) carries instance masks (shapes, coco_json: yes; tfds: no)."""
+    return bool(_source_class(name).has_masks)
+
+
 def _source_class(name: str):
     """The source class of `data.source` (importing it does not import tensorflow_datasets)."""
     if name == "shapes":

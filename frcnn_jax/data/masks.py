@@ -23,7 +23,7 @@ with `crop_box` the support [a - 1, b] (per axis) widened by one bin on each sid
 crop's first and last rows and columns are exactly zero (bin = (b - a + 1) / (S - 2)). This
 is torchvision's own target computation with the crop box as the ROI and M = S, computed
 exactly (separably: `Ay @ mask_window @ Ax^T / count`). The device
-(`frcnn_jax.modeling.mask_targets`) samples each ROI's M x M target out of the crop; the
+(`frcnn_jax.modeling.mask_head`) samples each ROI's M x M target out of the crop; the
 zero border makes its sampling outside the crop agree with the mask being zero there.
 
 The crop is stored as uint8 (round(255 * value)); with the crop box in `gt_mask_boxes`.

@@ -28,9 +28,17 @@ from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.roi_heads import RoIHeads
 from frcnn_jax.modeling.rpn import RPN, rpn_anchors, rpn_losses, rpn_proposals
 
-# The four training losses, in the order of the stages (`FasterRCNN.losses`).
+# The box model's four training losses, in the order of the stages (`FasterRCNN.losses`);
+# `loss_names(cfg)` is the one place that says which losses a model has.
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+MASK_LOSS_NAMES = ("loss_mask",)  # Mask R-CNN adds these (`cfg.mask.enabled`)
+ALL_LOSS_NAMES = LOSS_NAMES + MASK_LOSS_NAMES  # every loss any model has, in display order
 STAT_NAMES = ("rpn_positives", "roi_foreground", "proposals")  # sampling statistics, per-image means
+
+
+def loss_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The names of the losses `FasterRCNN(cfg).losses` returns, in order (metrics, plots, checks)."""
+    return LOSS_NAMES + (MASK_LOSS_NAMES if cfg.mask.enabled else ())
 
 
 class FasterRCNN(nn.Module):
@@ -84,16 +92,18 @@ class FasterRCNN(nn.Module):
 
     # --- training ----------------------------------------------------------------------
     def losses(self, batch, key):
-        """The four training losses and the sampling statistics of a batch.
+        """The training losses (`loss_names(cfg)`) and the sampling statistics of a batch.
 
         Args:
           batch: the input pipeline's dict (`frcnn_jax.data`): image [B, H, W, 3]
             normalised canvas, image_size [B, 2], boxes [B, G, 4] (canvas pixels),
             labels [B, G] int32, gt_valid [B, G], is_crowd [B, G]. Crowd boxes are
-            ignored (treated as absent ground truth).
+            ignored (treated as absent ground truth). A mask model (`cfg.mask.enabled`)
+            also needs gt_masks [B, G, S, S] uint8 and gt_mask_boxes [B, G, 4] float32
+            (`data.masks`: each ground truth's mask cropped to its crop box).
           key: PRNG key for the two samplers (split RPN / ROI heads, then per image).
         Returns:
-          (losses {LOSS_NAMES: scalar}, stats {STAT_NAMES: scalar per-image means}).
+          (losses {loss_names(cfg): float32 scalar}, stats {STAT_NAMES: scalar per-image means}).
         """
         images, sizes = batch["image"], batch["image_size"]
         canvas_hw = images.shape[1:3]
@@ -106,14 +116,18 @@ class FasterRCNN(nn.Module):
         anchors = rpn_anchors(self.cfg, canvas_hw, feats)
         loss_obj, loss_rpn_box, positives = rpn_losses(self.cfg, objectness, deltas, anchors, gt_boxes, gt_valid, k_rpn)
         props, _, prop_valid = rpn_proposals(self.cfg, objectness, deltas, anchors, sizes, train=True)
-        loss_cls, loss_box, foreground = self.roi_heads.losses(
-            feats, props, prop_valid, gt_boxes, batch["labels"], gt_valid, canvas_hw, k_roi
+        gt_masks = None
+        if self.cfg.mask.enabled:
+            gt_masks = {"crops": batch["gt_masks"], "boxes": batch["gt_mask_boxes"], "image_size": sizes}
+        roi_losses, foreground = self.roi_heads.losses(
+            feats, props, prop_valid, gt_boxes, batch["labels"], gt_valid, canvas_hw, k_roi, gt_masks
         )
 
         def mean(count):
             return jnp.mean(count.astype(jnp.float32))
 
-        losses = dict(zip(LOSS_NAMES, (loss_obj, loss_rpn_box, loss_cls, loss_box), strict=True))
+        losses = {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_rpn_box, **roi_losses}
+        assert tuple(losses) == loss_names(self.cfg), tuple(losses)
         stats = (mean(positives), mean(foreground), mean(jnp.sum(prop_valid, axis=1)))
         return losses, dict(zip(STAT_NAMES, stats, strict=True))
 

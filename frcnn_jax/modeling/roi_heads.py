@@ -2,7 +2,9 @@
 
     RoIHeads.__call__(features, boxes, canvas_hw)   -> class logits, class-specific deltas
     RoIHeads.detections(...)                        -> final detections (inference)
-    RoIHeads.losses(...)                            -> loss_classifier, loss_box_reg (training)
+    RoIHeads.losses(...)                            -> loss_classifier, loss_box_reg (training),
+                                                       and loss_mask (Mask R-CNN: `mask_head.mask_head_targets`,
+                                                       `mask_head.mask_loss`)
     RoIHeads.masks(...)                             -> mask probabilities of the detections (Mask R-CNN)
     box_head_targets / box_head_loss                -> the per-image sampling and the batch loss they use
 
@@ -28,7 +30,7 @@ from frcnn_jax import ops
 from frcnn_jax.modeling.architectures import Architecture, architecture
 from frcnn_jax.modeling.box_head import FastRCNNPredictor
 from frcnn_jax.modeling.config import ModelConfig, compute_dtype
-from frcnn_jax.modeling.mask_head import MaskRCNNPredictor, mask_probabilities
+from frcnn_jax.modeling.mask_head import MaskRCNNPredictor, mask_head_targets, mask_loss, mask_probabilities
 from frcnn_jax.modeling.matcher import match
 from frcnn_jax.modeling.postprocess import postprocess_detections
 from frcnn_jax.modeling.sampler import sample_balanced, sampled_indices
@@ -63,7 +65,8 @@ def box_head_targets(
       dict: boxes [S, 4] sampled ROIs, labels [S] int32 (0 background), targets [S, 4]
       (`encode_boxes(gt, roi, bbox_reg_weights)`, zero for background), valid [S] bool
       (False where there were fewer than S candidates), index [S] into the
-      concatenation [proposals; gt_boxes].
+      concatenation [proposals; gt_boxes], matched [S] int32 each ROI's ground-truth
+      row in 0..G-1 (meaningful for foreground ROIs only; the mask branch's targets).
     """
     boxes = jnp.concatenate([proposals, gt_boxes], axis=0)
     valid = jnp.concatenate([proposal_valid, gt_valid], axis=0)
@@ -79,7 +82,14 @@ def box_head_targets(
     roi_labels = jnp.where(sample_valid, labels[index], 0)
     targets = ops.encode_boxes(gt_boxes[safe[index]], roi, bbox_reg_weights)
     targets = jnp.where((roi_labels > 0)[:, None], targets, 0.0)
-    return {"boxes": roi, "labels": roi_labels, "targets": targets, "valid": sample_valid, "index": index}
+    return {
+        "boxes": roi,
+        "labels": roi_labels,
+        "targets": targets,
+        "valid": sample_valid,
+        "index": index,
+        "matched": safe[index].astype(jnp.int32),
+    }
 
 
 def box_head_loss(class_logits, box_deltas, targets, *, beta: float = 1.0):
@@ -128,6 +138,7 @@ class RoIHeads(nn.Module):
             self.mask_predictor = MaskRCNNPredictor(
                 cfg.num_classes, cfg.mask.predictor_channels, dtype=compute_dtype(cfg)
             )
+            self.mask_resolution = parts.mask_resolution
 
     def __call__(self, features, boxes, canvas_hw):
         """Pools `boxes` [B, P, 4] from `features` (the RPN levels) -> logits [B, P, K], deltas [B, P, K, 4]."""
@@ -163,20 +174,56 @@ class RoIHeads(nn.Module):
             dets["masks"] = self.masks(features, dets["boxes"], dets["labels"], dets["valid"], canvas_hw)
         return dets, logits, deltas
 
-    def losses(self, features, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, canvas_hw, key):
+    def losses(self, features, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, canvas_hw, key, gt_masks=None):
         """Training: sample ROIs from the proposals (+ ground truth), pool, predict, loss.
 
         proposals [B, P, 4] (gradients stopped here), proposal_valid [B, P]; gt_boxes [B, G, 4],
         gt_labels [B, G] int32, gt_valid [B, G] (crowd excluded); key: PRNG key (split per image).
-        Returns: (loss_classifier, loss_box_reg, foreground [B] int32 sampled foreground ROIs).
+        gt_masks (with `cfg.mask.enabled`): dict crops [B, G, S, S] uint8 (`batch["gt_masks"]`),
+        boxes [B, G, 4] float32 (`batch["gt_mask_boxes"]`), image_size [B, 2] int32.
+        Returns: ({"loss_classifier", "loss_box_reg"[, "loss_mask"]} float32 scalars,
+        foreground [B] int32 sampled foreground ROIs).
+
+        The mask branch (torchvision's `maskrcnn_loss`) takes the sampled foreground ROIs,
+        P = int(batch_size_per_image * positive_fraction) per image (all the sampler can
+        keep) with a validity mask; FPN pools them again for its mask head, C4 reuses the
+        box head's res5 output of those ROIs (maskrcnn-benchmark's shared feature extractor).
         """
-        heads = self.cfg.roi_heads
+        cfg, heads = self.cfg, self.cfg.roi_heads
         targets = jax.vmap(
             functools.partial(
                 box_head_targets, bbox_reg_weights=heads.bbox_reg_weights, **dataclasses.asdict(heads.assigner)
             )
         )(jax.random.split(key, gt_boxes.shape[0]), jax.lax.stop_gradient(proposals), proposal_valid, gt_boxes,
           gt_labels, gt_valid)  # fmt: skip
-        logits, deltas = self(features, targets["boxes"], canvas_hw)
+        rois = targets["boxes"]
+        b, r, _ = rois.shape
+        shared_res5 = cfg.mask.enabled and self.mask_head is None
+        if shared_res5:  # C4: res5 once, for both branches
+            pooled = self.box_pooler(features, rois, canvas_hw).astype(compute_dtype(cfg))
+            trunk = self.box_head.features(pooled)  # [B * R, s, s, C]
+            logits, deltas = self.box_predictor(jnp.mean(trunk.astype(jnp.float32), axis=(1, 2)))
+            logits, deltas = logits.reshape(b, r, -1), deltas.reshape(b, r, -1, 4)
+        else:
+            logits, deltas = self(features, rois, canvas_hw)
         loss_cls, loss_box = box_head_loss(logits, deltas, targets, beta=heads.box_loss_beta)
-        return loss_cls, loss_box, jnp.sum(targets["valid"] & (targets["labels"] > 0), axis=1)
+        out = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        if cfg.mask.enabled:
+            if gt_masks is None:
+                raise ValueError("cfg.mask.enabled: RoIHeads.losses needs gt_masks (batch gt_masks, gt_mask_boxes)")
+            a = heads.assigner
+            mt = mask_head_targets(
+                rois, targets["labels"], targets["valid"], targets["matched"], gt_masks["crops"], gt_masks["boxes"],
+                gt_masks["image_size"], num_positives=int(a.batch_size_per_image * a.positive_fraction),
+                mask_size=2 * trunk.shape[1] if shared_res5 else self.mask_resolution,
+            )  # fmt: skip
+            p = mt["index"].shape[1]
+            if shared_res5:
+                rows = (jnp.arange(b, dtype=jnp.int32)[:, None] * r + mt["index"]).reshape(-1)
+                mask_logits = self.mask_predictor(trunk[rows])  # [B * P, M, M, K]
+            else:
+                pooled = self.mask_pooler(features, mt["boxes"], canvas_hw)
+                mask_logits = self.mask_predictor(self.mask_head(pooled))
+            mask_logits = jnp.moveaxis(mask_logits.reshape(b, p, *mask_logits.shape[1:]), -1, 2)  # [B, P, K, M, M]
+            out["loss_mask"] = mask_loss(mask_logits, mt["labels"], mt["targets"], mt["valid"])
+        return out, jnp.sum(targets["valid"] & (targets["labels"] > 0), axis=1)

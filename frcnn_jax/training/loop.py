@@ -65,7 +65,7 @@ from frcnn_jax.training import optim as optim_lib
 from frcnn_jax.training.metrics import MetricsWriter, Progress, plot_losses
 from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
 from frcnn_jax.training.prefetch import DevicePrefetcher
-from frcnn_jax.training.train_step import METRIC_NAMES, create_train_state, make_train_step
+from frcnn_jax.training.train_step import create_train_state, make_train_step, metric_names
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,48 @@ def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
     return OptimConfig.from_dict({**config.optim.to_dict(), "total_steps": int(config.train.num_steps)})
 
 
+def with_mask_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config`, or a copy with `data.masks` on when the model is Mask R-CNN (`model.mask.enabled`):
+    the training batches then carry each ground truth's mask crop (`gt_masks`, `gt_mask_boxes`)."""
+    mask = config.model.get("mask", None)
+    if not (mask is not None and mask.get("enabled", False)) or config.data.get("masks", False):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.masks = True
+    return config
+
+
+def _check_mask_source(model_cfg: ModelConfig, data, source=None, where: str = ""):
+    """A mask model needs a source with instance masks: ValueError naming the source otherwise.
+
+    source: a Python source given to `train_and_evaluate` (its `has_masks`), else the built-in
+    `data.source` (a factory's source is checked when it is built)."""
+    if not model_cfg.mask.enabled:
+        return
+    if source is not None:
+        ok, name = bool(getattr(source, "has_masks", False)), f"{where} (its has_masks is not true)"
+    elif data.source in data_lib.SOURCES:
+        ok = data_lib.source_has_masks(data.source)
+        name = f"tfds {data.tfds.name}" if data.source == "tfds" else data.source
+        name = f"{name} (data.source={data.source!r})"
+    else:
+        return
+    if not ok:
+        raise ValueError(
+            f"model.mask.enabled=True (Mask R-CNN) trains on instance masks, but the source {name} carries "
+            "none; use data.source=coco_json (COCO JSON segmentations), shapes, or a source with has_masks"
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, OptimConfig]:
-    """Checks the whole config up front; raises ValueError naming the bad field."""
+    """Checks the whole config up front; raises ValueError naming the bad field.
+
+    A mask model (`model.mask.enabled`) on a built-in source without instance masks (tfds)
+    is refused here, naming the source; `train_and_evaluate` turns `data.masks` on for it."""
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
     optim_cfg = optim_config(config)
+    _check_mask_source(model_cfg, config.data)
     t = config.train
     for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch"):
         if int(t[name]) < 1:
@@ -327,6 +365,7 @@ def train_and_evaluate(
     """
     workdir = pathlib.Path(workdir)
     # Everything is checked before anything is written.
+    config = with_mask_data(config)  # Mask R-CNN: the batches carry the masks
     model_cfg, optim_cfg = validate_config(config)
     data_name = "train_source" if train_source is not None else config.data.source
     train_source = (
@@ -339,6 +378,8 @@ def train_and_evaluate(
         if eval_source is None
         else custom_sources.as_source(eval_source, "eval_source")
     )
+    if train_source is not None and data_name == "train_source":
+        _check_mask_source(model_cfg, config.data, train_source, "train_source")
     if train_source.num_object_classes + 1 != model_cfg.num_classes:
         raise ValueError(
             f"model.num_classes={model_cfg.num_classes} but the {data_name} data has "
@@ -375,7 +416,7 @@ def train_and_evaluate(
     )  # fmt: skip
     state, tx = create_train_state(model, variables, optim_cfg, config.seed, freeze)
     rep = sharding.replicated(mesh)
-    monitor = monitor_lib.init_monitor(METRIC_NAMES)
+    monitor = monitor_lib.init_monitor(metric_names(model_cfg))
 
     place = sharding.process_batch_to_global if multi_process else sharding.put_batch
     host_iter = data_lib.train_iterator(train_source, config.data, seed=config.seed)

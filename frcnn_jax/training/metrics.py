@@ -13,7 +13,7 @@ import sys
 from tqdm import tqdm
 
 from frcnn_jax.io_utils import write_atomic
-from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES
+from frcnn_jax.modeling.faster_rcnn import ALL_LOSS_NAMES
 
 TRAIN_METRICS_FILE = "metrics.jsonl"  # one JSON row per logged step (eval.py's COCO metrics: COCO_METRICS_FILE)
 TB_DIR = "tensorboard"
@@ -38,7 +38,7 @@ class Progress:
         self.step = step
 
     def show(self, metrics: dict):
-        short = dict(zip(("loss", *LOSS_NAMES), ("loss", "obj", "rpn_box", "cls", "box"), strict=True))
+        short = dict(zip(("loss", *ALL_LOSS_NAMES), ("loss", "obj", "rpn_box", "cls", "box", "mask"), strict=True))
         post = {v: f"{metrics[k]:.3f}" for k, v in short.items() if k in metrics}
         if "lr" in metrics:
             post["lr"] = f"{metrics['lr']:.2e}"
@@ -121,7 +121,8 @@ def _row_step(line: str) -> int | None:
 
 
 def plot_losses(history: list[dict], path):
-    """loss_curve.png: total and the four named losses against the step (matplotlib's object API)."""
+    """loss_curve.png: the total and each named loss the rows hold (the box model's four, Mask
+    R-CNN's loss_mask) against the step (matplotlib's object API)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -129,7 +130,7 @@ def plot_losses(history: list[dict], path):
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for key in ("loss", *LOSS_NAMES):
+    for key in ("loss", *ALL_LOSS_NAMES):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             xs, ys = zip(*pts)

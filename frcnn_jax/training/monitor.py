@@ -11,7 +11,7 @@ steps; with `log_every = 1` it is each step's value.
 
 Divergence: the monitor also keeps, on the device, the first step whose loss terms or
 gradient norm were not finite (`first_bad_step`, -1 while all are finite), which of the
-`CHECKED` terms were bad then and their values. The loop fetches that record (a few
+`checked_names` terms were bad then and their values. The loop fetches that record (a few
 bytes) before each checkpoint and at each log or eval step, so training stops before any
 checkpoint holding non-finite parameters is written, and the error names the first bad
 step and term.
@@ -28,9 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES
+from frcnn_jax.modeling.faster_rcnn import ALL_LOSS_NAMES
 
-CHECKED = ("loss",) + LOSS_NAMES + ("grad_norm",)
+
+def checked_names(metric_names) -> tuple[str, ...]:
+    """The terms the non-finite check watches: the total, each loss among `metric_names`
+    (`train_step.metric_names(cfg)`: the model's own, e.g. loss_mask for Mask R-CNN), grad_norm."""
+    return ("loss",) + tuple(n for n in ALL_LOSS_NAMES if n in metric_names) + ("grad_norm",)
 
 
 def init_monitor(metric_names: Sequence[str]) -> dict:
@@ -39,8 +43,8 @@ def init_monitor(metric_names: Sequence[str]) -> dict:
         "sums": {name: jnp.zeros((), jnp.float32) for name in metric_names},
         "count": jnp.zeros((), jnp.int32),
         "first_bad_step": jnp.full((), -1, jnp.int32),
-        "bad_terms": jnp.zeros((len(CHECKED),), bool),
-        "bad_values": jnp.zeros((len(CHECKED),), jnp.float32),
+        "bad_terms": jnp.zeros((len(checked_names(metric_names)),), bool),
+        "bad_values": jnp.zeros((len(checked_names(metric_names)),), jnp.float32),
     }
 
 
@@ -50,7 +54,7 @@ def accumulate(monitor: dict, metrics: dict, step) -> dict:
     step: int32 scalar, the 1-based number of the step that produced `metrics`.
     """
     sums = {k: monitor["sums"][k] + metrics[k].astype(jnp.float32) for k in monitor["sums"]}
-    values = jnp.stack([metrics[k].astype(jnp.float32) for k in CHECKED])
+    values = jnp.stack([metrics[k].astype(jnp.float32) for k in checked_names(monitor["sums"])])
     bad = ~jnp.isfinite(values)
     first = (monitor["first_bad_step"] < 0) & jnp.any(bad)
     return {
@@ -86,5 +90,5 @@ def divergence_message(host_record: dict) -> str | None:
         return None
     terms = np.asarray(host_record["bad_terms"])
     values = np.asarray(host_record["bad_values"])
-    bad = ", ".join(f"{name}={values[i]}" for i, name in enumerate(CHECKED) if terms[i])
+    bad = ", ".join(f"{name}={values[i]}" for i, name in enumerate(checked_names(host_record["sums"])) if terms[i])
     return f"non-finite loss at step {step}: {bad}"

@@ -1,4 +1,4 @@
-"""One optax step on the model's four named losses (`FasterRCNN.losses`): gradients and updates only.
+"""One optax step on the model's named losses (`FasterRCNN.losses`): gradients and updates only.
 
     state = create_train_state(model, variables, optim_cfg, seed)
     step_fn = make_train_step(model, tx)                  # pure: (state, batch) -> (state, metrics)
@@ -18,12 +18,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from frcnn_jax.modeling.faster_rcnn import LOSS_NAMES, STAT_NAMES, FasterRCNN
+from frcnn_jax.modeling.config import ModelConfig
+from frcnn_jax.modeling.faster_rcnn import STAT_NAMES, FasterRCNN, loss_names
 from frcnn_jax.modeling.param_paths import frozen_param_paths
 from frcnn_jax.training.optim import OptimConfig, make_optimizer
 
-# Every metric of a step made with a learning-rate schedule (`make_train_step(..., learning_rate)`).
-METRIC_NAMES = ("loss",) + LOSS_NAMES + STAT_NAMES + ("grad_norm", "lr")
+
+def metric_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every metric of a step of `FasterRCNN(cfg)` made with a learning-rate schedule
+    (`make_train_step(..., learning_rate)`): the total, `loss_names(cfg)`, the statistics, grad_norm, lr."""
+    return ("loss",) + loss_names(cfg) + STAT_NAMES + ("grad_norm", "lr")
 
 
 @flax.struct.dataclass
@@ -53,7 +57,7 @@ def create_train_state(model: FasterRCNN, variables, optim_cfg: OptimConfig, see
 
 
 def compute_losses(model: FasterRCNN, params, frozen, batch, key):
-    """(total loss, {4 named losses}, {statistics}) for a batch."""
+    """(total loss, {`loss_names(model.cfg)`: loss}, {statistics}) for a batch."""
     losses, stats = model.apply({"params": params, "frozen": frozen}, batch, key, method=FasterRCNN.losses)
     total = sum(losses.values())
     return total, losses, stats
@@ -62,7 +66,7 @@ def compute_losses(model: FasterRCNN, params, frozen, batch, key):
 def make_train_step(model: FasterRCNN, tx: optax.GradientTransformation, learning_rate=None):
     """Returns the pure step function (state, batch) -> (state, metrics); jit it yourself.
 
-    metrics: "loss" (total), the four named losses, "grad_norm", "lr" (if a schedule
+    metrics: "loss" (total), the named losses (`loss_names(model.cfg)`), "grad_norm", "lr" (if a schedule
     is given) and the sampling statistics.
     """
 
