@@ -12,7 +12,7 @@ GPU_VENV ?= .venv-gpu-machine
 WORKDIR ?= runs/shapes
 # pytest-xdist workers for `make test` (each test file runs whole on one worker).
 TEST_WORKERS ?= 2
-# What the lowest versions must pass: op parity, detector parity (boxes and masks), exact resume, export.
+# What the lowest versions must pass: op parity, detector parity, exact resume (a mask model), export.
 LOWEST_TESTS ?= tests/test_boxes.py tests/test_anchors.py tests/test_nms.py tests/test_roi_align.py \
   tests/test_ops_x64.py tests/test_detector_parity.py tests/test_export.py \
   tests/test_train_resilience.py::test_kill_9_at_random_moments_then_the_same_command_resumes_exactly
