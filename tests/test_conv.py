@@ -151,7 +151,10 @@ def test_platform_choice_folds_away_in_a_cpu_compile(monkeypatch):
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     lowered = grad.trace(x, kernel).lower(lowering_platforms=("cpu",))
-    assert "stablehlo.case" in lowered.as_text()  # the platform choice, with only the CPU branch left
+    # Only the CPU branch is lowered: jax 0.11 keeps the choice as a one-branch stablehlo.case,
+    # jax 0.12 resolves it while lowering; either way the CPU kernel gradient is what was lowered.
+    text = lowered.as_text()
+    assert cpu_conv_dots(text) > 0
     assert "conditional" not in lowered.compile().as_text()
     direct = jax.jit(
         jax.grad(lambda a, b: jnp.sum(conv_lib._xla_conv_dot_kernel_grad(a, b, 1, 1) ** 2), argnums=(0, 1))
