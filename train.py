@@ -69,9 +69,8 @@ def main(argv):
     from frcnn_jax import compilation_cache
     from frcnn_jax.training import sharding
 
-    compilation_cache.enable()
-
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    compilation_cache.enable()  # (after the above: multi-process CPU runs compile afresh)
     from frcnn_jax.training.loop import TrainingDiverged, TrainingInterrupted, train_and_evaluate
 
     try:
