@@ -96,3 +96,18 @@ def base_config() -> ml_collections.ConfigDict:
     # peak memory, a few % slower; see README "Training step"). Ignored on GPU/TPU.
     config.train.xla_cpu_scheduler = "default"
     return config
+
+
+def coco2017_json(config: ml_collections.ConfigDict, root: str = "data/coco") -> None:
+    """Points `config.data` at a COCO 2017 download (instances JSON: boxes, polygons, crowd RLE).
+
+    root/annotations/instances_{train,val}2017.json and root/{train,val}2017/; each path
+    stays overridable (--config.data.coco_json.*).
+    """
+    config.data.source = "coco_json"
+    config.data.coco_json.update(
+        train_annotations=f"{root}/annotations/instances_train2017.json",
+        train_images=f"{root}/train2017",
+        val_annotations=f"{root}/annotations/instances_val2017.json",
+        val_images=f"{root}/val2017",
+    )

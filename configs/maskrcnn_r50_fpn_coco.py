@@ -24,14 +24,7 @@ EPOCH = 7330  # steps per epoch at 16 images: ceil(117266 / 16)
 def get_config():
     config = common.base_config()
     config.model = common.model_section(model_config.maskrcnn_r50_fpn(num_classes=81))
-    config.data.source = "coco_json"
-    root = "data/coco"
-    config.data.coco_json.update(
-        train_annotations=f"{root}/annotations/instances_train2017.json",
-        train_images=f"{root}/train2017",
-        val_annotations=f"{root}/annotations/instances_val2017.json",
-        val_images=f"{root}/val2017",
-    )
+    common.coco2017_json(config)
     config.data.update(masks=True, mask_size=112, batch_size=16)
     config.optim.update(
         base_lr=0.02, weight_decay=1e-4, warmup_steps=1000, warmup_factor=1.0 / 1000,

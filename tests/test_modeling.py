@@ -81,6 +81,9 @@ def test_config_files_build_their_model_config():
     c4 = importlib.import_module("configs.maskrcnn_r50_c4_coco").get_config()
     assert ModelConfig.from_dict(c4.model.to_dict()) == recipes.maskrcnn_r50_c4(num_classes=81)
     assert (c4.train.num_steps, c4.data.batch_size, c4.optim.base_lr) == (180_000, 8, 0.01)
+    for config in (fpn, c4):  # masks come from COCO JSON (tfds coco/2017 has none)
+        assert config.data.source == "coco_json"
+        assert config.data.coco_json.val_annotations == "data/coco/annotations/instances_val2017.json"
     config = importlib.import_module("configs.r50_fpn_coco").get_config()
     config.model.rpn.nms_thresh = 0.6
     assert ModelConfig.from_dict(config.model.to_dict()).rpn.nms_thresh == 0.6
