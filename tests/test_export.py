@@ -149,7 +149,9 @@ def _recipe_code() -> str:
     return m.group(1)
 
 
-def test_recipe_runs_the_artifact_without_frcnn_jax(loaded, artifact, r50, tmp_path):
+def run_recipe(artifact, image_paths, tmp_path) -> list[dict]:
+    """Runs the README's serving recipe as a script on `image_paths`; its JSON lines. The
+    script fails if the recipe imported frcnn_jax, flax or orbax."""
     script = tmp_path / "serve.py"
     script.write_text(
         _recipe_code() + '\nassert "frcnn_jax" not in sys.modules, "the recipe imported frcnn_jax"\n'
@@ -159,11 +161,15 @@ def test_recipe_runs_the_artifact_without_frcnn_jax(loaded, artifact, r50, tmp_p
     env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)  # reuse the loader's compile
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     r = subprocess.run(
-        [sys.executable, str(script), str(artifact), *map(str, r50["paths"])], cwd=tmp_path, env=env,
-        capture_output=True, text=True,
+        [sys.executable, str(script), str(artifact), *map(str, image_paths)], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def test_recipe_runs_the_artifact_without_frcnn_jax(loaded, artifact, r50, tmp_path):
+    lines = run_recipe(artifact, r50["paths"], tmp_path)
     assert [line["image"] for line in lines] == list(map(str, r50["paths"]))
     names = json.loads(fexport.sidecar_path(artifact).read_text())["class_names"]
     for line, want in zip(lines, loaded[1]):

@@ -10,7 +10,6 @@ in tests/test_host_masks.py; here every path must give exactly `host_masks`' res
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -177,7 +176,7 @@ def test_export_masks_equal_detector_and_recipe(tiny, tmp_path):
 
     from frcnn_jax import export as fexport
     from frcnn_jax.export import __main__ as cli
-    from test_export import _recipe_code
+    from test_export import run_recipe
 
     out = tmp_path / "serve" / "mask.jaxexport"
     argv = ["--checkpoint", str(tiny["ckpt"]), "--out", str(out), "--canvas", "128x192", "--batch", "2",
@@ -204,18 +203,7 @@ def test_export_masks_equal_detector_and_recipe(tiny, tmp_path):
     for i, photo in enumerate(tiny["photos"]):
         paths.append(tmp_path / f"p{i}.png")
         Image.fromarray(photo).save(paths[-1])
-    script = tmp_path / "serve.py"
-    script.write_text(
-        _recipe_code() + '\nassert "frcnn_jax" not in sys.modules, "the recipe imported frcnn_jax"\n'
-        'assert not any(m.startswith(("flax", "orbax")) for m in sys.modules), "the recipe imported model code"\n'
-    )
-    env = dict(os.environ)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)  # reuse the loader's compile
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
-    r = subprocess.run([sys.executable, str(script), str(out), *map(str, paths)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    lines = run_recipe(out, paths, tmp_path)
     assert len(lines) == 2
     for line, w in zip(lines, want):
         dets = line["detections"]

@@ -60,6 +60,13 @@ def build_fpn(num_classes=91, eps=0.0, **kwargs):
     return model.eval()
 
 
+# maskrcnn-benchmark's R-50-C4 RPN sizes (torchvision's FasterRCNN defaults are the FPN's, per level).
+C4_RPN_TOP_N = dict(
+    rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=1000, rpn_pre_nms_top_n_train=12000,
+    rpn_post_nms_top_n_train=2000,
+)  # fmt: skip
+
+
 def build_c4(num_classes=81, anchor_sizes=(32, 64, 128, 256, 512), eps=1e-5, **kwargs):
     """The slides' R-50-C4 assembled from torchvision parts."""
     resnet = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
@@ -67,11 +74,7 @@ def build_c4(num_classes=81, anchor_sizes=(32, 64, 128, 256, 512), eps=1e-5, **k
         if isinstance(m, FrozenBatchNorm2d):
             m.eps = eps
     anchor_gen = AnchorGenerator(sizes=(tuple(anchor_sizes),), aspect_ratios=((0.5, 1.0, 2.0),))
-    defaults = dict(
-        rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=1000, rpn_pre_nms_top_n_train=12000,
-        rpn_post_nms_top_n_train=2000,
-    )  # fmt: skip
-    defaults.update(kwargs)
+    defaults = {**C4_RPN_TOP_N, **kwargs}
     model = FasterRCNN(
         C4Backbone(resnet),
         num_classes=None,
@@ -102,11 +105,7 @@ def build_maskrcnn_c4(num_classes=81, anchor_sizes=(32, 64, 128, 256, 512), eps=
     MaskRCNNPredictor(2048, 256, K)."""
     c4 = build_c4(num_classes, anchor_sizes, eps, **kwargs)
     rpn, heads = c4.rpn, c4.roi_heads
-    defaults = dict(
-        rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=1000, rpn_pre_nms_top_n_train=12000,
-        rpn_post_nms_top_n_train=2000,
-    )  # fmt: skip
-    defaults.update(kwargs)
+    defaults = {**C4_RPN_TOP_N, **kwargs}
     model = MaskRCNN(
         c4.backbone,
         num_classes=None,
