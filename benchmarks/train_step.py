@@ -346,7 +346,7 @@ def remat_main(args, tmp):
         sys.exit(f"--cpu-scheduler: unknown {unknown}; valid: {list(SCHEDULERS)}")
     rows = remat_table(args, settings, schedulers, tmp)
     print_table(
-        f"Training step (forward, 4 losses, backward, SGD) by ModelConfig.remat, CPU, {args.threads} threads"
+        f"Training step (forward, the losses (4; Mask R-CNN 5), backward, SGD) by ModelConfig.remat, CPU, {args.threads} threads"
         f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}; "
         f"torchvision {torchvision.__version__} (torch {torch.__version__}); {machine_line()}; {time.strftime('%Y-%m-%d')}",
         [
