@@ -6,8 +6,8 @@ ConvTranspose 2x2 2048 -> 256 + ReLU, 1x1 -> 81 logits: 14x14 masks; 81 classes.
 targets: each ground truth's mask cropped on the host at 112x112 (`data.mask_size`).
 Solver: e2e_mask_rcnn_R_50_C4_1x, the same as configs/r50_c4_coco.py's (this config starts
 from it): SGD momentum 0.9, weight decay 1e-4, LR 0.01 at 8 images per batch, warm-up from
-1/3 over 500 iterations, x0.1 at 120k and 160k, 180k iterations; biases at 2x LR without decay. Published (maskrcnn-benchmark
-MODEL_ZOO): 35.6 box AP, 31.5 mask AP. tfds coco/2017 carries no masks: point
+1/3 over 500 iterations, x0.1 at 120k and 160k, 180k iterations; biases at 2x LR without
+decay. Published (maskrcnn-benchmark MODEL_ZOO): 35.6 box AP, 31.5 mask AP. tfds coco/2017 carries no masks: point
 data.coco_json at the COCO download (--config.data.coco_json.*).
 """
 

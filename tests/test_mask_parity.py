@@ -108,13 +108,12 @@ def test_jitted_forward_masks(pair, torch):
     assert ((ours > 0.5) == (ref > 0.5)).mean() >= 0.999
 
 
+@pytest.mark.parametrize("pair", ["fpn"], indirect=True)  # (the C4 mask stage is checked above)
 def test_detector_pasted_masks_match_torchvision(pair, torch, shared):
     """The full `Detector` (preprocessing, jitted forward, host paste at the original size) against
     torchvision's whole `maskrcnn_resnet50_fpn` forward (its `paste_masks_in_image`), thresholded at
     0.5: each of our detections is matched to torchvision's of the same label with the most
     overlapping box, and the two binary masks must have IoU >= 0.99."""
-    if pair["arch"] != "fpn":
-        pytest.skip("the full-pipeline paste parity runs on R-50-FPN (the C4 mask stage is checked above)")
     from PIL import Image
 
     from frcnn_jax.detector import Detector
