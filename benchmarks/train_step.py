@@ -67,9 +67,10 @@ SMOKE_MODELS = "smoke,smoke_mask"
 MASK_CROP = 112  # JAX's host crop size S (data.mask_size of the COCO mask configs)
 
 
-def model_label(name: str, spec) -> str:
+def model_label(name: str, spec, buckets: int = 0) -> str:
     arch, depth, (h, w) = spec[0], spec[1], spec[2]
-    return f"R-{depth}-{arch.upper()} {h}x{w}" + (" Mask R-CNN" if spec[7] else "")
+    mask = " Mask R-CNN" + (f" (mask.train_buckets={buckets})" if buckets else "")
+    return f"R-{depth}-{arch.upper()} {h}x{w}" + (mask if spec[7] else "")
 
 
 def box_masks(boxes, h: int, w: int):
@@ -179,12 +180,14 @@ def child_torch(name, spec, repeats, threads, batch_file):
     return {"step_s": statistics.median(times), "compile_s": 0.0}
 
 
-def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", scheduler="default", malloc_trim=False):
+def child_jax(
+    name, spec, repeats, batch_file, dtype="float32", remat="none", scheduler="default", malloc_trim=False, buckets=0
+):
     import jax
 
     from frcnn_jax.data import masks as host_masks
     from frcnn_jax.data import transforms
-    from frcnn_jax.modeling.config import ModelConfig
+    from frcnn_jax.modeling.config import ModelConfig, maskrcnn_r50_fpn
     from frcnn_jax.modeling.faster_rcnn import FasterRCNN, init_variables
     from frcnn_jax.training.optim import OptimConfig, learning_rate_schedule
     from frcnn_jax.training.train_step import create_train_state, make_train_step
@@ -198,9 +201,11 @@ def child_jax(name, spec, repeats, batch_file, dtype="float32", remat="none", sc
     if depth == 18 and arch == "fpn":
         kw.update({"rpn.train": {"pre_nms_top_n": 600, "post_nms_top_n": 128},
                    "anchors.sizes": (32.0, 64.0, 128.0, 256.0, 512.0)})  # fmt: skip
-    if mask:  # torchvision's mask branch (`config.maskrcnn_r50_fpn`'s)
+    if mask:  # torchvision's mask branch (`config.maskrcnn_r50_fpn`'s, with its train_buckets unless given)
+        recipe = maskrcnn_r50_fpn().mask
         kw["mask"] = {"enabled": True, "pooler": {"resolution": 14, "sampling_ratio": 2, "aligned": False},
-                      "conv_channels": (256, 256, 256, 256), "predictor_channels": 256}  # fmt: skip
+                      "conv_channels": (256, 256, 256, 256), "predictor_channels": 256,
+                      "train_buckets": buckets or recipe.train_buckets}  # fmt: skip
     cfg = ModelConfig.from_dict(kw)
     model = FasterRCNN(cfg)
     variables = init_variables(model, jax.random.key(0))
@@ -246,7 +251,8 @@ def run_child(fw, name, args, batch_file, dtype="float32", remat="none", schedul
     """Runs one framework's step in a child process; its result dict (with peak_mb)."""
     cmd = [sys.executable, __file__, "--child", fw, "--name", name, "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--dtype", dtype, "--batch", str(args.batch), "--batch-file", batch_file,
-           "--remat", remat, "--cpu-scheduler", scheduler] + (["--malloc-trim"] if args.malloc_trim else [])  # fmt: skip
+           "--remat", remat, "--cpu-scheduler", scheduler, "--mask-buckets", str(args.mask_buckets)]  # fmt: skip
+    cmd += ["--malloc-trim"] if args.malloc_trim else []
     env = dict(os.environ)
     if args.device == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
@@ -270,7 +276,7 @@ def remat_table(args, settings, schedulers, tmp):
         save_batch(batch_file, spec)
         t = run_child("torch", name, args, batch_file)
         print(f"done {name} torch", file=sys.stderr)
-        label = f"{model_label(name, spec)} (canvas {spec[3][0]}x{spec[3][1]})"
+        label = f"{model_label(name, spec, args.mask_buckets)} (canvas {spec[3][0]}x{spec[3][1]})"
         rows.append([label, spec[4], "torchvision", "-", f"{t['step_s']:.2f}", "-", "1.00x",
                      f"{t['peak_mb'] / 1024:.2f}", "-", "1.00x", "-", "-"])  # fmt: skip
         res = {}
@@ -305,6 +311,10 @@ def main(argv=None):
     p.add_argument("--remat", default="", help="comma-separated ModelConfig.remat settings, e.g. none,backbone,all")
     p.add_argument("--cpu-scheduler", default="default", help=f"with --remat: comma-separated, of {list(SCHEDULERS)}")
     p.add_argument("--malloc-trim", action="store_true", help="JAX: malloc_trim(0) after compiling (see above)")
+    p.add_argument(
+        "--mask-buckets", type=int, default=0,
+        help="Mask R-CNN: ModelConfig.mask.train_buckets (default: the R-50 recipe's, 3; 1 = all P = 128 slots)",
+    )  # fmt: skip
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
     p.add_argument(
         "--smoke", action="store_true", help="a tiny R-18-FPN and its Mask R-CNN on 64x96 images, one repeat"
@@ -321,8 +331,9 @@ def main(argv=None):
         else:
             remat = args.remat or "none"
             res = child_jax(
-                args.name, spec, args.repeats, args.batch_file, args.dtype, remat, args.cpu_scheduler, args.malloc_trim
-            )
+                args.name, spec, args.repeats, args.batch_file, args.dtype, remat, args.cpu_scheduler, args.malloc_trim,
+                args.mask_buckets,
+            )  # fmt: skip
         res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
@@ -381,7 +392,7 @@ def default_main(args, tmp):
         for dtype in dtypes:
             res = {fw: run_child(fw, name, args, batch_file, dtype) for fw in frameworks}
             b = args.batch or SPECS[name][4]
-            label = model_label(name, SPECS[name])
+            label = model_label(name, SPECS[name], args.mask_buckets)
             j = res["jax"]
             if "torch" in res:
                 t = res["torch"]

@@ -49,9 +49,9 @@ def models():
 
 def test_recipes_and_config():
     fpn, c4 = model_config.maskrcnn_r50_fpn(), model_config.maskrcnn_r50_c4()
-    assert fpn.mask == MaskHeadConfig(True, model_config.PoolerConfig(14, 2, False), (256,) * 4, 256)
+    assert fpn.mask == MaskHeadConfig(True, model_config.PoolerConfig(14, 2, False), (256,) * 4, 256, 3)
     assert fpn.replace(mask=MaskHeadConfig()) == model_config.r50_fpn()  # the box model is untouched
-    assert c4.mask == MaskHeadConfig(True, model_config.PoolerConfig(14, 0, False), (), 256)
+    assert c4.mask == MaskHeadConfig(True, model_config.PoolerConfig(14, 0, False), (), 256, 3)
     assert c4.replace(mask=MaskHeadConfig()) == model_config.r50_c4()
     assert architecture(fpn).mask_resolution == 28 and architecture(c4).mask_resolution == 14
     light = model_config.maskrcnn_r50_fpn(**{"mask.conv_channels": [32, 32]})
@@ -59,6 +59,8 @@ def test_recipes_and_config():
     # round trip through JSON-like dicts; the default (off) section is not written at all
     assert ModelConfig.from_dict(fpn.to_dict()) == fpn and ModelConfig.from_dict(c4.to_dict()) == c4
     assert "mask" not in model_config.r50_fpn().to_dict() and "mask" not in ModelConfig().to_dict()
+    with pytest.raises(ValueError, match=r"model.mask.train_buckets=0: must be a positive integer"):
+        model_config.maskrcnn_r50_fpn(**{"mask.train_buckets": 0})
     with pytest.raises(ValueError, match=r"model.mask.conv_channels=\(256,\): must be empty for C4"):
         model_config.maskrcnn_r50_c4(**{"mask.conv_channels": (256,)})
     with pytest.raises(ValueError, match="model.mask.predictor_channels=0"):

@@ -8,6 +8,8 @@ foreground ROIs run through the inference path (`RoIHeads.masks`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,37 @@ def test_remat_and_bfloat16_mask_model_trains_a_step():
     assert set(loss_names(cfg)) <= set(metrics)
     assert all(np.isfinite(float(metrics[k])) for k in loss_names(cfg))
     assert float(metrics["loss_mask"]) > 0
+
+
+def test_slot_buckets_and_the_bucket_that_holds_every_image():
+    assert mask_head.slot_buckets(128, 3) == (32, 64, 128)
+    assert mask_head.slot_buckets(128, 1) == (128,)
+    assert mask_head.slot_buckets(2, 3) == (1, 2)
+    buckets = (32, 64, 128)
+    valid = np.zeros((2, 128), bool)
+    assert int(mask_head.bucket_index(valid, buckets)) == 0  # no positive: the smallest
+    for most, want in ((1, 0), (32, 0), (33, 1), (64, 1), (65, 2), (128, 2)):
+        valid[:] = False
+        valid[1, :most] = True
+        valid[0, : most // 2] = True
+        assert int(mask_head.bucket_index(valid, buckets)) == want, most
+
+
+@pytest.mark.parametrize("arch", ["fpn", "c4"])
+def test_bucketed_mask_head_gives_the_loss_and_gradients_of_all_slots(arch):
+    """`mask.train_buckets` runs the head on fewer slots; the loss and gradients are those of P slots."""
+    base = {**(FPN if arch == "fpn" else C4), "roi_heads.assigner.batch_size_per_image": 64}  # P = 16
+    batch = jax.tree.map(jnp.asarray, mask_batch(seed=0))  # 3 (FPN) / 5 (C4) positives in one image
+    out = {}
+    for buckets in (1, 5):  # P slots; or 1, 2, 4, 8, 16
+        model = FasterRCNN(ModelConfig.from_dict({**base, "mask.train_buckets": buckets}))
+        variables = init_variables(model, jax.random.key(0))
+        (loss, _), grads = _mask_loss_and_grads(model, variables, batch)
+        _, t = jax.jit(functools.partial(model.apply, method=_reference_mask_loss))(variables, batch, jax.random.key(1))
+        out[buckets] = float(loss), grads, int(jnp.max(jnp.sum(t["valid"], axis=1)))
+    (loss_all, grads_all, most), (loss_few, grads_few, _) = out[1], out[5]
+    assert 2 < most <= 8  # a middle bucket (4 or 8 slots) holds every image's positives; 1 or 2 would drop some
+    assert loss_all > 0.1
+    np.testing.assert_allclose(loss_few, loss_all, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_all), jax.tree.leaves(grads_few), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)

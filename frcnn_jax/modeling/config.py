@@ -9,7 +9,7 @@
       roi_heads  RoIHeadsConfig    pooler (PoolerConfig), representation_size, assigner (AssignerConfig),
                                    bbox_reg_weights, box_loss_beta, postprocess (PostprocessConfig)
       mask       MaskHeadConfig    enabled (off: Faster R-CNN), pooler (PoolerConfig), conv_channels,
-                                   predictor_channels
+                                   predictor_channels, train_buckets
 
 `configs/*.py` hold it as a nested ml_collections `ConfigDict` under `config.model` (so
 `--config.model.rpn.nms_thresh=0.6` overrides one field); `ModelConfig.from_dict` turns the
@@ -154,12 +154,21 @@ class MaskHeadConfig:
     (14) and the predictor's 2x2 stride-2 transposed conv doubles it (28); C4 runs the box
     head's res5 (stride 2) first, so M = resolution (14). `conv_channels` are the FPN mask
     head's 3x3 convs (torchvision: 4 x 256); C4 has none (its head is the shared res5).
+
+    `train_buckets` (training only): the mask head runs on a static number of foreground
+    slots per image, P = int(roi_heads batch_size_per_image x positive_fraction) at most
+    (128). With n buckets the step may run it on P, P/2, ..., P/2^(n-1) slots and takes the
+    smallest that holds every image's foreground ROIs (`lax.switch`): the same loss and
+    gradients as P slots, at the cost of the positives the batch has (torchvision runs the
+    head on exactly those); each bucket compiles once more (the R-50 mask recipes use 3:
+    their compile time doubles, their training step on COCO-like batches shortens). 1: always P.
     """
 
     enabled: bool = False
     pooler: PoolerConfig = PoolerConfig(resolution=14, sampling_ratio=2, aligned=False)
     conv_channels: tuple[int, ...] = (256, 256, 256, 256)
     predictor_channels: int = 256  # conv5_mask (the transposed conv) output channels
+    train_buckets: int = 1  # training: 1 = P slots always; the R-50 recipes: 3 (P, P/2, P/4)
 
     def __post_init__(self):
         object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
@@ -285,7 +294,7 @@ class ModelConfig:
         if not self.anchors.aspect_ratios or any(r <= 0 for r in self.anchors.aspect_ratios):
             fail("anchors.aspect_ratios", "must be positive")
         if self.mask.enabled:
-            for path in ("mask.pooler.resolution", "mask.predictor_channels"):
+            for path in ("mask.pooler.resolution", "mask.predictor_channels", "mask.train_buckets"):
                 v = get(path)
                 if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                     fail(path, "must be a positive integer")
@@ -342,7 +351,7 @@ def maskrcnn_r50_fpn(num_classes: int = 91, **changes) -> ModelConfig:
     `changes`: nested / dotted fields (e.g. {"mask.conv_channels": (32, 32)} for a lighter head).
     """
     recipe = {"mask": {"enabled": True, "pooler": {"resolution": 14, "sampling_ratio": 2, "aligned": False},
-                       "conv_channels": (256, 256, 256, 256), "predictor_channels": 256}}  # fmt: skip
+                       "conv_channels": (256, 256, 256, 256), "predictor_channels": 256, "train_buckets": 3}}  # fmt: skip
     return r50_fpn(num_classes).updated(recipe).updated(changes)
 
 
@@ -351,7 +360,7 @@ def maskrcnn_r50_c4(num_classes: int = 81, **changes) -> ModelConfig:
     detections, the box head's res5 (shared parameters), ConvTranspose 2048->256 2x2 s2 + ReLU, 1x1 -> K: 14x14.
     """
     recipe = {"mask": {"enabled": True, "pooler": {"resolution": 14, "sampling_ratio": 0, "aligned": False},
-                       "conv_channels": (), "predictor_channels": 256}}  # fmt: skip
+                       "conv_channels": (), "predictor_channels": 256, "train_buckets": 3}}  # fmt: skip
     return r50_c4(num_classes).updated(recipe).updated(changes)
 
 

@@ -14,6 +14,7 @@ Training (`RoIHeads.losses` composes them; torchvision's `maskrcnn_loss`):
 
     mask_head_targets(...)  -> the box sampler's foreground ROIs (static P per image) and their targets
     mask_loss(...)          -> loss_mask
+    slot_buckets, bucket_index  the fewer slots (P, P/2, ...) that still hold every image's positives
 
 Shapes: B images, D detections per image, R = B * D pooled boxes, S pooler resolution,
 M mask resolution (FPN 2S = 28, C4 S = 14), K classes including background.
@@ -223,6 +224,25 @@ def select_positives(roi_labels, roi_valid, num_positives: int = 128) -> Positiv
         pad = [(0, 0)] * (order.ndim - 1) + [(0, num_positives - r)]
         order, valid = jnp.pad(order, pad), jnp.pad(valid, pad)
     return Positives(jnp.where(valid, order, 0).astype(jnp.int32), valid)
+
+
+def slot_buckets(num_positives: int, count: int) -> tuple[int, ...]:
+    """The static slot counts the mask head may train on: P, P/2, ..., P/2^(count-1), ascending.
+
+    Halving stops at 1 slot; duplicates are dropped (e.g. P = 2, count 3 -> (1, 2)).
+    """
+    sizes = {max(int(num_positives) >> i, 1) for i in range(max(int(count), 1))}
+    return tuple(sorted(sizes))
+
+
+def bucket_index(valid, buckets: tuple[int, ...]):
+    """int32 scalar: the smallest of `buckets` (ascending) that holds every image's positives.
+
+    valid: bool [B, P] (`select_positives`: each image's positives come first, so slots
+    [:, :buckets[i]] hold them all when buckets[i] >= the largest count of any image).
+    """
+    most = jnp.max(jnp.sum(jnp.asarray(valid, jnp.int32), axis=-1))
+    return jnp.sum(jnp.asarray(buckets, jnp.int32) < most).astype(jnp.int32)
 
 
 def gather_rows(values, index):

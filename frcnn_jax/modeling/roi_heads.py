@@ -30,7 +30,14 @@ from frcnn_jax import ops
 from frcnn_jax.modeling.architectures import Architecture, architecture
 from frcnn_jax.modeling.box_head import FastRCNNPredictor
 from frcnn_jax.modeling.config import ModelConfig, compute_dtype
-from frcnn_jax.modeling.mask_head import MaskRCNNPredictor, mask_head_targets, mask_loss, mask_probabilities
+from frcnn_jax.modeling.mask_head import (
+    MaskRCNNPredictor,
+    bucket_index,
+    mask_head_targets,
+    mask_loss,
+    mask_probabilities,
+    slot_buckets,
+)
 from frcnn_jax.modeling.matcher import match
 from frcnn_jax.modeling.postprocess import postprocess_detections
 from frcnn_jax.modeling.sampler import sample_balanced, sampled_indices
@@ -188,6 +195,8 @@ class RoIHeads(nn.Module):
         P = int(batch_size_per_image * positive_fraction) per image (all the sampler can
         keep) with a validity mask; FPN pools them again for its mask head, C4 reuses the
         box head's res5 output of those ROIs (maskrcnn-benchmark's shared feature extractor).
+        The head runs on the fewest of `slot_buckets(P, cfg.mask.train_buckets)` slots that
+        hold every image's positives (`nn.switch`; exactly the loss of all P slots).
         """
         cfg, heads = self.cfg, self.cfg.roi_heads
         targets = jax.vmap(
@@ -217,13 +226,30 @@ class RoIHeads(nn.Module):
                 gt_masks["image_size"], num_positives=int(a.batch_size_per_image * a.positive_fraction),
                 mask_size=2 * trunk.shape[1] if shared_res5 else self.mask_resolution,
             )  # fmt: skip
-            p = mt["index"].shape[1]
-            if shared_res5:
-                rows = (jnp.arange(b, dtype=jnp.int32)[:, None] * r + mt["index"]).reshape(-1)
-                mask_logits = self.mask_predictor(trunk[rows])  # [B * P, M, M, K]
-            else:
-                pooled = self.mask_pooler(features, mt["boxes"], canvas_hw)
-                mask_logits = self.mask_predictor(self.mask_head(pooled))
-            mask_logits = jnp.moveaxis(mask_logits.reshape(b, p, *mask_logits.shape[1:]), -1, 2)  # [B, P, K, M, M]
-            out["loss_mask"] = mask_loss(mask_logits, mt["labels"], mt["targets"], mt["valid"])
+            source = trunk if shared_res5 else features
+            buckets = slot_buckets(mt["index"].shape[1], cfg.mask.train_buckets)
+            branches = [functools.partial(_mask_branch_loss, slots=n, canvas_hw=canvas_hw) for n in buckets]
+            if len(branches) == 1:
+                out["loss_mask"] = branches[0](self, source, mt)
+            else:  # runs the head on the fewest slots that hold every image's positives: the same loss
+                out["loss_mask"] = nn.switch(bucket_index(mt["valid"], buckets), branches, self, source, mt)
         return out, jnp.sum(targets["valid"] & (targets["labels"] > 0), axis=1)
+
+
+def _mask_branch_loss(heads: RoIHeads, source, mt, *, slots: int, canvas_hw):
+    """loss_mask on each image's first `slots` foreground slots of `mask_head_targets`' output `mt`.
+
+    source: C4 the box head's res5 output [B * R, s, s, C] of the sampled ROIs (reused),
+    FPN the feature levels (pooled again at the positives).
+    """
+    mt = {k: v[:, :slots] for k, v in mt.items()}
+    b = mt["index"].shape[0]
+    if heads.mask_head is None:  # C4: the shared res5's rows of these ROIs
+        r = source.shape[0] // b
+        rows = (jnp.arange(b, dtype=jnp.int32)[:, None] * r + mt["index"]).reshape(-1)
+        mask_logits = heads.mask_predictor(source[rows])  # [B * slots, M, M, K]
+    else:
+        pooled = heads.mask_pooler(source, mt["boxes"], canvas_hw)
+        mask_logits = heads.mask_predictor(heads.mask_head(pooled))
+    mask_logits = jnp.moveaxis(mask_logits.reshape(b, slots, *mask_logits.shape[1:]), -1, 2)  # [B, n, K, M, M]
+    return mask_loss(mask_logits, mt["labels"], mt["targets"], mt["valid"])
