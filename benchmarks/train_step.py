@@ -34,6 +34,7 @@ batches) for comparison with Detectron2's published per-GPU figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -201,11 +202,8 @@ def child_jax(
     if depth == 18 and arch == "fpn":
         kw.update({"rpn.train": {"pre_nms_top_n": 600, "post_nms_top_n": 128},
                    "anchors.sizes": (32.0, 64.0, 128.0, 256.0, 512.0)})  # fmt: skip
-    if mask:  # torchvision's mask branch (`config.maskrcnn_r50_fpn`'s, with its train_buckets unless given)
-        recipe = maskrcnn_r50_fpn().mask
-        kw["mask"] = {"enabled": True, "pooler": {"resolution": 14, "sampling_ratio": 2, "aligned": False},
-                      "conv_channels": (256, 256, 256, 256), "predictor_channels": 256,
-                      "train_buckets": buckets or recipe.train_buckets}  # fmt: skip
+    if mask:  # torchvision's mask branch: `config.maskrcnn_r50_fpn`'s section (its train_buckets unless given)
+        kw["mask"] = dataclasses.asdict(maskrcnn_r50_fpn().mask) | ({"train_buckets": buckets} if buckets else {})
     cfg = ModelConfig.from_dict(kw)
     model = FasterRCNN(cfg)
     variables = init_variables(model, jax.random.key(0))
