@@ -13,6 +13,9 @@ median logit of 0 on this image, and the test checks that the masks are far from
      `masks` for its own detections against torchvision's mask branch given those boxes and
      labels. Our features differ from torchvision's by float32 rounding (<= 1e-4 relative,
      tests/test_detector_parity.py), which the mask head passes on: a looser bound.
+  3. The whole `Detector` (masks pasted at the original size, thresholded) against
+     torchvision's whole forward (`paste_masks_in_image`): IoU >= 0.99 per matched detection.
+     Measured on 000000000009.jpg: FPN and C4 100 detections each; C4 98 matched, min IoU 0.9929.
 """
 
 from __future__ import annotations
@@ -108,10 +111,9 @@ def test_jitted_forward_masks(pair, torch):
     assert ((ours > 0.5) == (ref > 0.5)).mean() >= 0.999
 
 
-@pytest.mark.parametrize("pair", ["fpn"], indirect=True)  # (the C4 mask stage is checked above)
 def test_detector_pasted_masks_match_torchvision(pair, torch, shared):
     """The full `Detector` (preprocessing, jitted forward, host paste at the original size) against
-    torchvision's whole `maskrcnn_resnet50_fpn` forward (its `paste_masks_in_image`), thresholded at
+    torchvision's whole forward (its `paste_masks_in_image`), thresholded at
     0.5: each of our detections is matched to torchvision's of the same label with the most
     overlapping box, and the two binary masks must have IoU >= 0.99."""
     from PIL import Image
