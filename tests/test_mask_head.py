@@ -149,3 +149,35 @@ def test_select_label_masks_matches_torchvision(torch):
     ref = maskrcnn_inference(torch.from_numpy(logits).permute(0, 3, 1, 2), [torch.from_numpy(labels).long()])[0]
     got = np.asarray(select_label_masks(jnp.asarray(logits), jnp.asarray(labels)))
     np.testing.assert_allclose(got, ref[:, 0].numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_predictor_label_channel_equals_the_full_logits_picked():
+    """`MaskRCNNPredictor(x, labels)` (each row's label channel, the 2x2 blocks interleaved after the
+    pick) against the full [R, 2s, 2s, K] logits with the label channel taken: same values, and
+    `label_mask_loss` on it gives `mask_loss`'s loss and parameter gradients."""
+    from frcnn_jax.modeling.mask_head import MaskRCNNPredictor, label_mask_loss, mask_loss
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(6, 4, 5, 16)).astype(np.float32))
+    labels = jnp.asarray([0, 4, 2, 2, 1, 3], jnp.int32)
+    targets = jnp.asarray(rng.uniform(size=(6, 8, 10)).astype(np.float32))
+    valid = jnp.asarray([True, True, False, True, True, True])
+    pred = MaskRCNNPredictor(5, 8)
+    v = pred.init(jax.random.key(0), x)
+    v = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.normal(size=a.shape), a.dtype), v)  # non-zero biases
+    full = pred.apply(v, x)
+    assert full.shape == (6, 8, 10, 5)
+    picked = pred.apply(v, x, labels)
+    assert picked.shape == (6, 8, 10) and picked.dtype == jnp.float32
+    np.testing.assert_allclose(picked, np.moveaxis(np.asarray(full), -1, 1)[np.arange(6), labels], rtol=1e-5, atol=1e-5)
+
+    def via_full(v_):
+        return mask_loss(jnp.moveaxis(pred.apply(v_, x), -1, 1), labels, targets, valid)
+
+    def via_label(v_):
+        return label_mask_loss(pred.apply(v_, x, labels), targets, valid)
+
+    (a, ga), (b, gb) = jax.value_and_grad(via_full)(v), jax.value_and_grad(via_label)(v)
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    for p, q in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(q, p, rtol=1e-5, atol=1e-6)

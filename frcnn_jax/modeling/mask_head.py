@@ -5,7 +5,8 @@
     MaskRCNNHeads      FPN head `roi_heads/mask_head/{i}/0`: 3x3 conv + ReLU per entry of conv_channels
     MaskRCNNPredictor  `roi_heads/mask_predictor/{conv5_mask, mask_fcn_logits}`: 2x2 stride-2
                        transposed conv + ReLU, 1x1 conv to K logits
-    select_label_masks the predicted label's channel of the logits -> sigmoid
+    LabelLogits        `mask_fcn_logits`, all K channels or each row's label channel only
+    select_label_masks the predicted label's channel of full logits -> sigmoid
 
 The C4 model has no `mask_head` parameters: its head is the box head's res5
 (`roi_heads/box_head/layer4`, the same parameters; `architectures.py` wires it).
@@ -13,7 +14,7 @@ The C4 model has no `mask_head` parameters: its head is the box head's res5
 Training (`RoIHeads.losses` composes them; torchvision's `maskrcnn_loss`):
 
     mask_head_targets(...)  -> the box sampler's foreground ROIs (static P per image) and their targets
-    mask_loss(...)          -> loss_mask
+    mask_loss(...)          -> loss_mask (label_mask_loss: from the label channels alone)
     slot_buckets, bucket_index  the fewer slots (P, P/2, ...) that still hold every image's positives
 
 Shapes: B images, D detections per image, R = B * D pooled boxes, S pooler resolution,
@@ -24,8 +25,8 @@ Training targets and loss, as pure functions
 
     t = mask_head_targets(sampled["boxes"], sampled["labels"], sampled["valid"], sampled["matched"],
                           batch["gt_masks"], batch["gt_mask_boxes"], batch["image_size"])
-    mask_logits = predictor(head(pooler(features, t["boxes"])))      # [B * P, M, M, K]
-    loss = mask_loss(mask_logits, t["labels"], t["targets"], t["valid"])
+    logits = predictor(head(pooler(features, t["boxes"])), t["labels"].reshape(-1))  # [B * P, M, M]
+    loss = label_mask_loss(logits.reshape(t["targets"].shape), t["targets"], t["valid"])
 
 (`select_positives` + `gather_rows` + `mask_targets`; `sampled` is the box head's sample
 of `roi_heads.box_head_targets`, batched, with each ROI's ground-truth row `matched`.)
@@ -77,18 +78,30 @@ from frcnn_jax.modeling.conv import Conv
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv_transpose_2x2(x, kernel, bias):
+def conv_transpose_2x2(x, kernel, bias, blocks: bool = False):
     """torch's ConvTranspose2d(kernel 2, stride 2, padding 0): every input cell writes its own 2x2 block.
 
     Args:
       x: [R, H, W, Cin]; kernel: [2, 2, Cin, Cout] (torch weight [Cin, Cout, 2, 2] transposed
         (2, 3, 0, 1) by the converter); bias: [Cout].
+      blocks: return each cell's block unassembled, [R, H, W, 2, 2, Cout] (the matrix
+        product's own layout: no transpose of the upsampled map), for `interleave_blocks` later.
     Returns:
-      [R, 2H, 2W, Cout], out[2y + a, 2x + b] = sum_c x[y, x, c] kernel[a, b, c] + bias.
+      [R, 2H, 2W, Cout], out[2y + a, 2x + b] = sum_c x[y, x, c] kernel[a, b, c] + bias
+      (blocks: [R, H, W, 2, 2, Cout], out[y, x, a, b]).
     """
+    if blocks:
+        return jnp.einsum("rhwc,abcd->rhwabd", x, kernel) + bias
     r, h, w, _ = x.shape
     y = jnp.einsum("rhwc,abcd->rhawbd", x, kernel)
     return y.reshape(r, 2 * h, 2 * w, kernel.shape[-1]) + bias
+
+
+def interleave_blocks(blocks):
+    """[R, H, W, 2, 2, ...] per-cell 2x2 blocks -> [R, 2H, 2W, ...] (`conv_transpose_2x2(blocks=True)`)."""
+    r, h, w = blocks.shape[:3]
+    y = jnp.moveaxis(blocks, 3, 2)  # [R, H, 2, W, 2, ...]
+    return y.reshape(r, 2 * h, 2 * w, *blocks.shape[5:])
 
 
 class ConvTranspose2x2(nn.Module):
@@ -98,12 +111,39 @@ class ConvTranspose2x2(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, blocks: bool = False):
         # torch computes a ConvTranspose weight's fan_out from its dim 0 (Cin) x 2 x 2.
         init = nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=(0, 1, 2), out_axis=3)
         kernel = self.param("kernel", init, (2, 2, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return conv_transpose_2x2(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+        return conv_transpose_2x2(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype), blocks)
+
+
+class LabelLogits(nn.Module):
+    """torch's 1x1 `mask_fcn_logits` conv (parameters `kernel` [1, 1, C, K], `bias` [K]), optionally
+    computing only each row's own class channel.
+
+    __call__(x [R, ..., C], labels None) -> [R, ..., K] logits (the whole 1x1 conv);
+    __call__(x [R, ..., C], labels [R] int32) -> [R, ...] logits of channel labels[r] only: a
+    matrix-vector product per row instead of K of them. Mask R-CNN reads only that channel,
+    in inference (`maskrcnn_inference`) and in the loss (`maskrcnn_loss`), so this is the same
+    number computed with 1/K of the work, and its gradient reaches the same parameters.
+    """
+
+    num_classes: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, labels=None):
+        kernel = self.param("kernel", KAIMING_FAN_OUT, (1, 1, x.shape[-1], self.num_classes), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
+        w, b = kernel[0, 0].astype(self.dtype), bias.astype(self.dtype)  # [C, K], [K]
+        x = x.astype(self.dtype)
+        if labels is None:
+            return jnp.einsum("...c,ck->...k", x, w) + b
+        labels = jnp.clip(jnp.asarray(labels, jnp.int32), 0, self.num_classes - 1)
+        picked = jnp.einsum("r...c,rc->r...", x, w.T[labels])
+        return picked + b[labels].reshape(-1, *([1] * (picked.ndim - 1)))
 
 
 class _ConvReLU(nn.Module):
@@ -133,17 +173,26 @@ class MaskRCNNHeads(nn.Module):
 
 
 class MaskRCNNPredictor(nn.Module):
-    """[R, s, s, C] -> mask logits [R, 2s, 2s, num_classes] float32 (conv5_mask + ReLU, mask_fcn_logits)."""
+    """[R, s, s, C] -> mask logits float32 (conv5_mask + ReLU, mask_fcn_logits).
+
+    __call__(x) -> [R, 2s, 2s, num_classes] (every class);
+    __call__(x, labels [R] int32) -> [R, 2s, 2s], each row's label channel only (`LabelLogits`):
+    what inference and the loss read, without the other K - 1 channels or the transpose that
+    assembles the upsampled map (the 2x2 blocks are interleaved after the channel is picked).
+    """
 
     num_classes: int
     channels: int = 256
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        x = nn.relu(ConvTranspose2x2(self.channels, dtype=self.dtype, name="conv5_mask")(x))
-        logits = Conv(self.num_classes, 1, dtype=self.dtype, kernel_init=KAIMING_FAN_OUT, name="mask_fcn_logits")
-        return logits(x).astype(jnp.float32)
+    def __call__(self, x, labels=None):
+        up = ConvTranspose2x2(self.channels, dtype=self.dtype, name="conv5_mask")
+        logits = LabelLogits(self.num_classes, dtype=self.dtype, name="mask_fcn_logits")
+        if labels is None:
+            return logits(nn.relu(up(x))).astype(jnp.float32)
+        picked = logits(nn.relu(up(x, blocks=True)), labels)  # [R, s, s, 2, 2]
+        return interleave_blocks(picked).astype(jnp.float32)
 
 
 def select_label_masks(mask_logits, labels):
@@ -173,7 +222,8 @@ def mask_probabilities(
     Args:
       pooler: (features, boxes [B, D, 4], canvas_hw) -> [B * D, S, S, C] (`poolers.RoIPooler`).
       head: [R, S, S, C] -> [R, s, s, C'] (FPN `MaskRCNNHeads`; C4 the box head's res5).
-      predictor: [R, s, s, C'] -> [R, M, M, K] logits (`MaskRCNNPredictor`).
+      predictor: ([R, s, s, C'], labels [R]) -> [R, M, M] logits of each label's channel
+        (`MaskRCNNPredictor`).
       features: the backbone's NHWC maps (RPN levels).
       boxes: [B, D, 4] float32 detections in canvas pixels; labels [B, D] int32; valid [B, D] bool.
       canvas_hw: static (H, W) of the padded canvas.
@@ -181,9 +231,8 @@ def mask_probabilities(
       masks [B, D, M, M] float32: sigmoid of each detection's label channel; 0 in invalid rows.
     """
     b, d, _ = boxes.shape
-    logits = predictor(head(pooler(features, boxes, canvas_hw)))
-    probs = select_label_masks(logits, labels.reshape(b * d).astype(jnp.int32))
-    probs = probs.reshape(b, d, *probs.shape[1:])
+    logits = predictor(head(pooler(features, boxes, canvas_hw)), labels.reshape(b * d).astype(jnp.int32))
+    probs = jax.nn.sigmoid(logits).reshape(b, d, *logits.shape[1:])
     return jnp.where(valid[:, :, None, None], probs, 0.0)
 
 
@@ -408,6 +457,18 @@ def mask_loss(mask_logits, labels, targets, valid):
     logits = jnp.asarray(mask_logits).astype(jnp.float32)
     labels = jnp.clip(jnp.asarray(labels, jnp.int32), 0, logits.shape[-3] - 1)
     picked = jnp.take_along_axis(logits, labels[..., None, None, None], axis=-3)[..., 0, :, :]
+    return label_mask_loss(picked, targets, valid)
+
+
+def label_mask_loss(label_logits, targets, valid):
+    """`mask_loss` from each ROI's label channel, already picked (`MaskRCNNPredictor(x, labels)`).
+
+    Args:
+      label_logits: [..., M, M] any float dtype; targets: float32 [..., M, M]; valid: bool [...].
+    Returns:
+      float32 scalar, as `mask_loss`.
+    """
+    picked = jnp.asarray(label_logits).astype(jnp.float32)
     bce = optax.sigmoid_binary_cross_entropy(picked, jnp.asarray(targets, jnp.float32))
     valid = jnp.asarray(valid, bool)
     total = jnp.sum(jnp.where(valid[..., None, None], bce, 0.0))

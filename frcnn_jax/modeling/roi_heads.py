@@ -33,8 +33,8 @@ from frcnn_jax.modeling.config import ModelConfig, compute_dtype
 from frcnn_jax.modeling.mask_head import (
     MaskRCNNPredictor,
     bucket_index,
+    label_mask_loss,
     mask_head_targets,
-    mask_loss,
     mask_probabilities,
     slot_buckets,
 )
@@ -244,12 +244,12 @@ def _mask_branch_loss(heads: RoIHeads, source, mt, *, slots: int, canvas_hw):
     """
     mt = {k: v[:, :slots] for k, v in mt.items()}
     b = mt["index"].shape[0]
+    labels = mt["labels"].reshape(-1)
     if heads.mask_head is None:  # C4: the shared res5's rows of these ROIs
         r = source.shape[0] // b
         rows = (jnp.arange(b, dtype=jnp.int32)[:, None] * r + mt["index"]).reshape(-1)
-        mask_logits = heads.mask_predictor(source[rows])  # [B * slots, M, M, K]
+        logits = heads.mask_predictor(source[rows], labels)  # [B * slots, M, M]
     else:
         pooled = heads.mask_pooler(source, mt["boxes"], canvas_hw)
-        mask_logits = heads.mask_predictor(heads.mask_head(pooled))
-    mask_logits = jnp.moveaxis(mask_logits.reshape(b, slots, *mask_logits.shape[1:]), -1, 2)  # [B, n, K, M, M]
-    return mask_loss(mask_logits, mt["labels"], mt["targets"], mt["valid"])
+        logits = heads.mask_predictor(heads.mask_head(pooled), labels)
+    return label_mask_loss(logits.reshape(mt["targets"].shape), mt["targets"], mt["valid"])
