@@ -51,6 +51,7 @@ import numpy as np
 from frcnn_jax import host_masks
 from frcnn_jax import model_checkpoint as ckpt
 from frcnn_jax.data import transforms
+from frcnn_jax.modeling import cpu_kernels as cpu_kernels_lib
 from frcnn_jax.modeling.config import ModelConfig
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN
 
@@ -276,6 +277,10 @@ class Detector(BatchedDetector):
         `masks` (module doc): "image" [K, H, W] bool (`> mask_threshold`; None: float32
         probabilities), "rle" (COCO RLEs, one mask at a time) or "box" ([K, M, M]
         unpasted). Ignored for box-only models.
+      cpu_kernels: XLA:CPU's kernels for the compiled model, "default" or "ynnpack_dots"
+        (`ModelConfig.cpu_kernels`; None: the model config's). Same detections up to float
+        rounding; "ynnpack_dots" is faster on CPUs where XLA's own convolution beats
+        YNNPACK's (README, Benchmarks).
 
     Attributes: model_config (with the post-process above), score_thresh, nms_thresh,
     detections_per_img (the values in effect), min_size, max_size, canvases, batch_size,
@@ -299,6 +304,7 @@ class Detector(BatchedDetector):
         score_threshold: float | None = None,
         mask_threshold: float | None = 0.5,
         mask_output: str = "image",
+        cpu_kernels: str | None = None,
     ):
         self.mask_output, self.mask_threshold = check_mask_options(mask_output, mask_threshold)
         if score_threshold is not None:
@@ -308,6 +314,8 @@ class Detector(BatchedDetector):
         model_config = with_postprocess(
             model_config, score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img
         )
+        if cpu_kernels is not None:
+            model_config = model_config.replace(cpu_kernels=cpu_kernels)  # validated: one line naming the value
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if canvases is not None:
@@ -326,7 +334,10 @@ class Detector(BatchedDetector):
         post = model_config.roi_heads.postprocess
         self.score_thresh, self.nms_thresh = float(post.score_thresh), float(post.nms_thresh)
         self.detections_per_img = int(post.detections_per_img)
-        self._apply = jax.jit(lambda v, images, sizes: self.model.apply(v, images, sizes))
+        self._apply = jax.jit(
+            lambda v, images, sizes: self.model.apply(v, images, sizes),
+            compiler_options=cpu_kernels_lib.compiler_options(model_config.cpu_kernels) or None,
+        )
 
     @classmethod
     def from_checkpoint(cls, path, **kwargs) -> Detector:

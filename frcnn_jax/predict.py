@@ -44,6 +44,7 @@ import numpy as np
 
 from frcnn_jax.config_cli import add_postprocess_arguments, postprocess_overrides
 from frcnn_jax.data.transforms import resized_hw
+from frcnn_jax.modeling.cpu_kernels import CPU_KERNELS
 from frcnn_jax.visualize import draw_detections, label_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -225,6 +226,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per compiled call (default 1)")
     p.add_argument("--min-size", type=int, default=None, help="resize short side (default: checkpoint's or 800)")
     p.add_argument("--max-size", type=int, default=None, help="cap on the long side (default: checkpoint's or 1333)")
+    p.add_argument(
+        "--cpu-kernels", choices=CPU_KERNELS, default=None,
+        help="XLA:CPU's kernels (model.cpu_kernels; default: the checkpoint's): ynnpack_dots runs convolutions on "
+        "XLA's own kernels, faster on some CPUs",
+    )  # fmt: skip
     return p
 
 
@@ -255,6 +261,8 @@ def main(argv=None) -> int:
 
     compilation_cache.enable()
     kwargs = {"batch_size": args.batch_size, "mask_output": "box", **postprocess}  # masks pasted per detection
+    if args.cpu_kernels:
+        kwargs["cpu_kernels"] = args.cpu_kernels
     for key in ("min_size", "max_size"):
         if getattr(args, key):
             kwargs[key] = getattr(args, key)

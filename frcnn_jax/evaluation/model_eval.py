@@ -23,6 +23,7 @@ from tqdm import tqdm
 from frcnn_jax.data import builder as data_lib
 from frcnn_jax.data.transforms import resize_boxes
 from frcnn_jax.evaluation.coco import evaluate_coco, to_coco_results, to_coco_results_with_masks
+from frcnn_jax.modeling import cpu_kernels as cpu_kernels_lib
 from frcnn_jax.modeling.faster_rcnn import FasterRCNN
 
 
@@ -38,7 +39,8 @@ def make_forward(model: FasterRCNN):
     Build it once per model and pass it to `predict_dataset` / `evaluate_model` as
     `forward=` to reuse its compiled programs across evaluations (one per canvas).
     """
-    return jax.jit(lambda v, images, sizes: model.apply(v, images, sizes))
+    options = cpu_kernels_lib.compiler_options(model.cfg.cpu_kernels) or None
+    return jax.jit(lambda v, images, sizes: model.apply(v, images, sizes), compiler_options=options)
 
 
 def predict_dataset(

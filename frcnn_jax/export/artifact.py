@@ -131,7 +131,8 @@ def export_forward(
     dtype: the compute dtype ("float32" or "bfloat16"); inputs and outputs stay as in
     `forward_fn` whatever the dtype.
     """
-    cfg = model_config.replace(dtype=dtype)
+    # The loader compiles the artifact without compile options: XLA:CPU's default kernels.
+    cfg = model_config.replace(dtype=dtype, cpu_kernels="default")
     fn = jax.jit(forward_fn(cfg, serving_variables(variables, dtype)))
     b = jax.export.symbolic_shape("b")[0] if dynamic_batch else int(batch)
     h, w = canvas
@@ -208,7 +209,7 @@ def sidecar_document(
         "score_thresh": model_config.roi_heads.postprocess.score_thresh,
         "nms_thresh": model_config.roi_heads.postprocess.nms_thresh,
         "detections_per_img": model_config.roi_heads.postprocess.detections_per_img,
-        "model": model_config.replace(dtype=dtype).to_dict(),
+        "model": model_config.replace(dtype=dtype, cpu_kernels="default").to_dict(),
         "source": metadata.get("source"),
         "jax_version": jax.__version__,
     }

@@ -51,7 +51,13 @@ class FPNBackbone(nn.Module):
     def __call__(self, images):
         outs = _resnet(self.cfg, 4)(images)
         cfg = self.cfg
-        fpn = FPN(cfg.backbone.fpn_channels, dtype=compute_dtype(cfg), remat=cfg.remats("fpn"), name="fpn")
+        fpn = FPN(
+            cfg.backbone.fpn_channels,
+            dtype=compute_dtype(cfg),
+            remat=cfg.remats("fpn"),
+            cpu_kernels=cfg.cpu_kernels,
+            name="fpn",
+        )
         return fpn([outs[f"layer{i}"] for i in range(1, 5)])
 
 
@@ -67,6 +73,7 @@ def _resnet(cfg: ModelConfig, num_stages: int) -> ResNet:
         dtype=compute_dtype(cfg),
         zero_init_residual=bb.zero_init_residual,
         remat=cfg.remats("resnet"),
+        cpu_kernels=cfg.cpu_kernels,
         name="body",
     )
 
@@ -111,6 +118,7 @@ def _c4(cfg: ModelConfig) -> Architecture:
             dtype=compute_dtype(cfg),
             zero_init_residual=bb.zero_init_residual,
             remat=cfg.remats("box_head"),
+            cpu_kernels=cfg.cpu_kernels,
         ),  # fmt: skip
         box_head_trunk_stages=("layer4",),
         mask_pooler=_pooler(1, cfg.mask.pooler),
@@ -128,7 +136,9 @@ def _fpn(cfg: ModelConfig) -> Architecture:
         ),
         box_head_trunk_stages=(),
         mask_pooler=_pooler(4, cfg.mask.pooler),
-        mask_head=functools.partial(MaskRCNNHeads, cfg.mask.conv_channels, dtype=compute_dtype(cfg)),
+        mask_head=functools.partial(
+            MaskRCNNHeads, cfg.mask.conv_channels, dtype=compute_dtype(cfg), cpu_kernels=cfg.cpu_kernels
+        ),
         mask_resolution=2 * cfg.mask.pooler.resolution,
     )
 

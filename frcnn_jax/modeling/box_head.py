@@ -25,6 +25,7 @@ class Res5Head(nn.Module):
     dtype: jnp.dtype = jnp.float32
     zero_init_residual: bool = False
     remat: bool = False
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
 
     def setup(self):
         blocks = RESNET_SPECS[self.depth][1]
@@ -38,6 +39,7 @@ class Res5Head(nn.Module):
             dtype=self.dtype,
             zero_init_residual=self.zero_init_residual,
             remat=self.remat,
+            cpu_kernels=self.cpu_kernels,
         )
 
     def features(self, x):

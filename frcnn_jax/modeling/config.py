@@ -1,7 +1,7 @@
 """The detector's hyperparameters: one frozen, hashable dataclass in sections that mirror the stages.
 
     ModelConfig
-      arch, num_classes, dtype, remat
+      arch, num_classes, dtype, remat, cpu_kernels
       backbone   BackboneConfig    depth, width, stride_in_1x1, freeze_at, bn_eps, zero_init_residual, fpn_channels
       anchors    AnchorConfig      sizes, aspect_ratios
       rpn        RPNConfig         train / test (ProposalConfig: pre_nms_top_n, post_nms_top_n), nms_thresh,
@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+
+from frcnn_jax.modeling.cpu_kernels import CPU_KERNELS
 
 ARCHS = ("c4", "fpn")
 
@@ -187,6 +189,9 @@ class ModelConfig:
     mask: MaskHeadConfig = MaskHeadConfig()
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
     remat: str = "none"  # training memory/time trade-off: "none" | "backbone" | "all" (see REMAT_PARTS)
+    # XLA:CPU kernel library: "default" or "ynnpack_dots" (`modeling/cpu_kernels.py`); every jit of the model
+    # passes `cpu_kernels.compiler_options(cpu_kernels)`. Same parameters; results equal up to float rounding.
+    cpu_kernels: str = "default"
 
     def __post_init__(self):
         self.validate()
@@ -255,6 +260,8 @@ class ModelConfig:
             fail("dtype", "must be 'float32' or 'bfloat16'")
         if self.remat not in REMAT_PARTS:
             fail("remat", f"must be one of {tuple(REMAT_PARTS)}")
+        if self.cpu_kernels not in CPU_KERNELS:
+            fail("cpu_kernels", f"must be one of {CPU_KERNELS}")
         positive_ints = [
             "num_classes", "backbone.width", "backbone.fpn_channels", "rpn.train.pre_nms_top_n",
             "rpn.test.pre_nms_top_n", "rpn.train.post_nms_top_n", "rpn.test.post_nms_top_n",

@@ -23,6 +23,23 @@ and a multi-platform artifact (`jax.export` with several platforms) both, picked
 the module is compiled on its device. Differentiation goes through the conditional,
 so the backward pass (the custom kernel gradient included) is platform-dependent in
 the same way. All lowerings give the same result up to float rounding.
+
+Which CPU lowering is fastest depends on the kernels XLA:CPU compiles the program with
+(`cpu_kernels`, a model setting; `cpu_kernels.compiler_options` gives the matching
+`jax.jit(..., compiler_options=...)`). Measured on a 2-core AVX-512 + AMX Xeon, jax 0.12.1,
+forward and backward:
+
+* "default": the rules above.
+* "ynnpack_dots" (convolutions on XLA's own kernels, 2.5-3x faster than YNNPACK's here:
+  a 3x3 conv, 256 channels, 1x200x272 2.2 -> 0.80 s, 2x50x68 257 -> 89 ms):
+  XLA's convolution is then the fastest lowering for large maps (on P2
+  0.80 s against 1.37 s with the matrix-product kernel gradient), so only 1x1 kernels
+  and k x k kernels on batches of small maps stay matrix products. On those small maps
+  XLA's convolution would be faster still (the mask head's four 3x3 convs on 64 ROIs of
+  14x14: 1.0 s as matrix products, 0.66 s as XLA's convolution), but they run inside the
+  Mask R-CNN training step's bucket switch (`MaskHeadConfig.train_buckets`), and XLA:CPU
+  runs a convolution inside a conditional's branch through a generic loop, about 100x
+  slower (171 s against 1.8 s for those four convs under "default").
 """
 
 from __future__ import annotations
@@ -33,10 +50,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax.modeling.cpu_kernels import CPU_KERNELS
+
 IMPLS = ("auto", "xla", "dot")
 
 # Inputs with at least this many elements (N*H*W*Cin) and >= 128 channels get the
-# matrix-product kernel gradient on CPU.
+# matrix-product kernel gradient on CPU (cpu_kernels "default").
 _DOT_KERNEL_GRAD_MIN_ELEMENTS = 2**23
 
 
@@ -112,7 +131,7 @@ def _xla_conv_bwd(stride, padding, residuals, g):
 _xla_conv_dot_kernel_grad.defvjp(_xla_conv_fwd, _xla_conv_bwd)
 
 
-def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto"):
+def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto", cpu_kernels: str = "default"):
     """Convolution with torch-style symmetric zero padding.
 
     Args:
@@ -120,18 +139,22 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto"):
       kernel: [kh, kw, Cin, Cout], same dtype as `x`.
       stride, padding: ints, the same in both spatial dimensions.
       impl: "auto" (per platform at lowering time: on CPU the fastest lowering for
-        the shapes, elsewhere `lax.conv_general_dilated`), "xla"
+        the shapes and `cpu_kernels`, elsewhere `lax.conv_general_dilated`), "xla"
         (`lax.conv_general_dilated` everywhere) or "dot" (sum of shifted matrix
         products everywhere).
+      cpu_kernels: the XLA:CPU kernel library the program is compiled with ("default" or
+        "ynnpack_dots", `modeling/cpu_kernels.py`); it picks `impl="auto"`'s CPU lowering.
 
     Returns:
       [N, (H + 2p - kh) // stride + 1, (W + 2p - kw) // stride + 1, Cout], dtype of `x`.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if cpu_kernels not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {cpu_kernels!r}")
     if impl == "dot":
         return _dot_conv(x, kernel, stride, padding)
-    cpu = _cpu_lowering(x.shape, kernel.shape, stride) if impl == "auto" else None
+    cpu = _cpu_lowering(x.shape, kernel.shape, stride, cpu_kernels) if impl == "auto" else None
     if cpu is None:
         return _xla_conv(x, kernel, stride, padding)
     return jax.lax.platform_dependent(
@@ -141,10 +164,12 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto"):
     )  # fmt: skip
 
 
-def _cpu_lowering(x_shape, kernel_shape, stride: int):
+def _cpu_lowering(x_shape, kernel_shape, stride: int, cpu_kernels: str = "default"):
     """The CPU-tuned `f(x, kernel, stride, padding)` for these static shapes, or None (XLA's conv is best)."""
     if _use_dots(x_shape, kernel_shape, stride):
         return _dot_conv
+    if cpu_kernels == "ynnpack_dots":
+        return None
     if _use_dot_kernel_grad(x_shape):
         return _xla_conv_dot_kernel_grad
     return None
@@ -162,13 +187,14 @@ class Conv(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
     impl: str = "auto"
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (`modeling/cpu_kernels.py`); picks impl="auto"'s CPU lowering
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
         pad = k // 2 if self.padding is None else self.padding
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.impl)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.impl, self.cpu_kernels)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
         return y

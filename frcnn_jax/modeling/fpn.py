@@ -54,16 +54,14 @@ class FPN(nn.Module):
     channels: int = 256
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
 
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array]):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming_uniform_(a=1)
-        inner = [
-            Conv(self.channels, 1, dtype=self.dtype, kernel_init=init, name=f"inner_blocks_{i}") for i in range(len(xs))
-        ]
-        layer = [
-            Conv(self.channels, 3, dtype=self.dtype, kernel_init=init, name=f"layer_blocks_{i}") for i in range(len(xs))
-        ]
+        conv = functools.partial(Conv, dtype=self.dtype, cpu_kernels=self.cpu_kernels, kernel_init=init)
+        inner = [conv(self.channels, 1, name=f"inner_blocks_{i}") for i in range(len(xs))]
+        layer = [conv(self.channels, 3, name=f"layer_blocks_{i}") for i in range(len(xs))]
         call = functools.partial(maybe_remat_call, remat=self.remat)
         last = call(inner[-1], xs[-1])
         results = [call(layer[-1], last)]

@@ -151,10 +151,13 @@ class _ConvReLU(nn.Module):
 
     features: int
     dtype: jnp.dtype = jnp.float32
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
 
     @nn.compact
     def __call__(self, x):
-        conv = Conv(self.features, 3, dtype=self.dtype, kernel_init=KAIMING_FAN_OUT, name="0")
+        conv = Conv(
+            self.features, 3, dtype=self.dtype, cpu_kernels=self.cpu_kernels, kernel_init=KAIMING_FAN_OUT, name="0"
+        )
         return nn.relu(conv(x))
 
 
@@ -163,12 +166,13 @@ class MaskRCNNHeads(nn.Module):
 
     conv_channels: tuple[int, ...] = (256, 256, 256, 256)
     dtype: jnp.dtype = jnp.float32
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(self.dtype)
         for i, c in enumerate(self.conv_channels):
-            x = _ConvReLU(c, dtype=self.dtype, name=str(i))(x)
+            x = _ConvReLU(c, dtype=self.dtype, cpu_kernels=self.cpu_kernels, name=str(i))(x)
         return x
 
 

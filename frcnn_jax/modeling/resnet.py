@@ -17,6 +17,8 @@ Parameter names and inference results do not change.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ class FrozenBatchNorm(nn.Module):
 
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
 
     @nn.compact
     def __call__(self, x):
@@ -50,10 +53,13 @@ class FrozenBatchNorm(nn.Module):
         return x * scale.astype(self.dtype) + shift.astype(self.dtype)
 
 
-def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype, use_bias: bool = False, kernel_init=None):
+def conv(
+    features: int, kernel: int, stride: int = 1, *, name: str, dtype, use_bias: bool = False, kernel_init=None,
+    cpu_kernels: str = "default",
+):  # fmt: skip
     """A torch-style conv: symmetric padding kernel // 2, HWIO kernel, no bias by default."""
     kwargs = {} if kernel_init is None else {"kernel_init": kernel_init}
-    return Conv(features, kernel, stride, use_bias=use_bias, dtype=dtype, name=name, **kwargs)
+    return Conv(features, kernel, stride, use_bias=use_bias, dtype=dtype, name=name, cpu_kernels=cpu_kernels, **kwargs)
 
 
 def _after(xs, g):
@@ -132,6 +138,7 @@ class Bottleneck(nn.Module):
     stride_in_1x1: bool = False
     bn_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
     zero_init_residual: bool = False
     expansion = 4
 
@@ -139,15 +146,16 @@ class Bottleneck(nn.Module):
     def __call__(self, x):
         s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
         bn = lambda name: FrozenBatchNorm(self.bn_eps, self.dtype, name=name)  # noqa: E731
-        out = conv(self.width, 1, s1, name="conv1", dtype=self.dtype, kernel_init=_he_init)(x)
+        conv_ = functools.partial(conv, dtype=self.dtype, cpu_kernels=self.cpu_kernels)
+        out = conv_(self.width, 1, s1, name="conv1", kernel_init=_he_init)(x)
         out = nn.relu(bn("bn1")(out))
-        out = conv(self.width, 3, s3, name="conv2", dtype=self.dtype, kernel_init=_he_init)(out)
+        out = conv_(self.width, 3, s3, name="conv2", kernel_init=_he_init)(out)
         out = nn.relu(bn("bn2")(out))
         last_init = nn.initializers.zeros if self.zero_init_residual else _he_init
-        out = conv(self.width * 4, 1, name="conv3", dtype=self.dtype, kernel_init=last_init)(out)
+        out = conv_(self.width * 4, 1, name="conv3", kernel_init=last_init)(out)
         out = bn("bn3")(out)
         if self.downsample:
-            x = conv(self.width * 4, 1, self.stride, name="downsample_0", dtype=self.dtype, kernel_init=_he_init)(x)
+            x = conv_(self.width * 4, 1, self.stride, name="downsample_0", kernel_init=_he_init)(x)
             x = bn("downsample_1")(x)
         return nn.relu(out + x)
 
@@ -161,19 +169,21 @@ class BasicBlock(nn.Module):
     stride_in_1x1: bool = False  # unused: kept so both block kinds share a signature
     bn_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
     zero_init_residual: bool = False
     expansion = 1
 
     @nn.compact
     def __call__(self, x):
         bn = lambda name: FrozenBatchNorm(self.bn_eps, self.dtype, name=name)  # noqa: E731
-        out = conv(self.width, 3, self.stride, name="conv1", dtype=self.dtype, kernel_init=_he_init)(x)
+        conv_ = functools.partial(conv, dtype=self.dtype, cpu_kernels=self.cpu_kernels)
+        out = conv_(self.width, 3, self.stride, name="conv1", kernel_init=_he_init)(x)
         out = nn.relu(bn("bn1")(out))
         last_init = nn.initializers.zeros if self.zero_init_residual else _he_init
-        out = conv(self.width, 3, name="conv2", dtype=self.dtype, kernel_init=last_init)(out)
+        out = conv_(self.width, 3, name="conv2", kernel_init=last_init)(out)
         out = bn("bn2")(out)
         if self.downsample:
-            x = conv(self.width, 1, self.stride, name="downsample_0", dtype=self.dtype, kernel_init=_he_init)(x)
+            x = conv_(self.width, 1, self.stride, name="downsample_0", kernel_init=_he_init)(x)
             x = bn("downsample_1")(x)
         return nn.relu(out + x)
 
@@ -203,6 +213,7 @@ class ResNetStage(nn.Module):
     stride_in_1x1: bool = False
     bn_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
     zero_init_residual: bool = False
     remat: bool = False
 
@@ -219,6 +230,7 @@ class ResNetStage(nn.Module):
                 stride_in_1x1=self.stride_in_1x1,
                 bn_eps=self.bn_eps,
                 dtype=self.dtype,
+                cpu_kernels=self.cpu_kernels,
                 zero_init_residual=self.zero_init_residual,
                 name=str(i),
             )
@@ -253,6 +265,7 @@ class ResNet(nn.Module):
     freeze_at: int = 2
     bn_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
     zero_init_residual: bool = False
     remat: bool = False
 
@@ -261,7 +274,8 @@ class ResNet(nn.Module):
         block_class(self.depth)  # validates the depth
         blocks = RESNET_SPECS[self.depth][1]
         x = x.astype(self.dtype)
-        x = conv(self.width, 7, 2, name="conv1", dtype=self.dtype, kernel_init=_he_init)(x)
+        conv_ = functools.partial(conv, dtype=self.dtype, cpu_kernels=self.cpu_kernels)
+        x = conv_(self.width, 7, 2, name="conv1", kernel_init=_he_init)(x)
         x = nn.relu(FrozenBatchNorm(self.bn_eps, self.dtype, name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         if self.freeze_at >= 1:
@@ -276,6 +290,7 @@ class ResNet(nn.Module):
                 stride_in_1x1=self.stride_in_1x1,
                 bn_eps=self.bn_eps,
                 dtype=self.dtype,
+                cpu_kernels=self.cpu_kernels,
                 zero_init_residual=self.zero_init_residual,
                 remat=self.remat and self.freeze_at <= s,  # a frozen stage has no backward pass
                 name=f"layer{s}",

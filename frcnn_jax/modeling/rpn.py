@@ -51,13 +51,15 @@ class RPNHead(nn.Module):
     num_anchors: int
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    cpu_kernels: str = "default"  # XLA:CPU's kernels (modeling/cpu_kernels.py): picks conv.Conv's CPU lowering
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]):
         init = nn.initializers.normal(0.01)  # torchvision: normal(std=0.01), bias 0
-        conv = Conv(features[0].shape[-1], 3, dtype=self.dtype, kernel_init=init, name="conv")
-        cls_logits = Conv(self.num_anchors, 1, dtype=self.dtype, kernel_init=init, name="cls_logits")
-        bbox_pred = Conv(4 * self.num_anchors, 1, dtype=self.dtype, kernel_init=init, name="bbox_pred")
+        make = functools.partial(Conv, dtype=self.dtype, cpu_kernels=self.cpu_kernels, kernel_init=init)
+        conv = make(features[0].shape[-1], 3, name="conv")
+        cls_logits = make(self.num_anchors, 1, name="cls_logits")
+        bbox_pred = make(4 * self.num_anchors, 1, name="bbox_pred")
         objectness, deltas = [], []
         call = functools.partial(maybe_remat_call, remat=self.remat)
         for f in features:
@@ -244,7 +246,12 @@ class RPN(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.head = RPNHead(cfg.num_anchors_per_location, dtype=compute_dtype(cfg), remat=cfg.remats("rpn_head"))
+        self.head = RPNHead(
+            cfg.num_anchors_per_location,
+            dtype=compute_dtype(cfg),
+            remat=cfg.remats("rpn_head"),
+            cpu_kernels=cfg.cpu_kernels,
+        )
 
     def __call__(self, features):
         return self.head(features)

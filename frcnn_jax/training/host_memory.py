@@ -7,6 +7,8 @@ import gc
 
 import jax
 
+from frcnn_jax.modeling import cpu_kernels as cpu_kernels_lib
+
 # `train.xla_cpu_scheduler` -> XLA compile options of the training step on the CPU backend.
 # "default" is XLA:CPU's concurrency-optimised scheduler (starts independent work early,
 # so more buffers are live at once); "memory" its memory-optimised one. On R-50-FPN at
@@ -18,13 +20,17 @@ CPU_SCHEDULERS = {
 }
 
 
-def step_compiler_options(scheduler: str) -> dict[str, str] | None:
-    """The `jax.jit(..., compiler_options=...)` for `scheduler` on the current backend, or None."""
+def step_compiler_options(scheduler: str, cpu_kernels: str = "default") -> dict[str, str] | None:
+    """The step's `jax.jit(..., compiler_options=...)` on the current backend, or None.
+
+    scheduler: `train.xla_cpu_scheduler`; cpu_kernels: the model's `cpu_kernels`
+    (`modeling/cpu_kernels.py`; the model's conv lowering assumes its options).
+    """
     if scheduler not in CPU_SCHEDULERS:
         raise ValueError(f"xla_cpu_scheduler={scheduler!r}: must be one of {tuple(CPU_SCHEDULERS)}")
     if jax.default_backend() != "cpu":
         return None
-    return dict(CPU_SCHEDULERS[scheduler]) or None
+    return {**CPU_SCHEDULERS[scheduler], **cpu_kernels_lib.compiler_options(cpu_kernels)} or None
 
 
 def release_freed_heap() -> bool:

@@ -436,7 +436,7 @@ def train_and_evaluate(
             state, metrics = train_step(state, batch)
             return state, monitor_lib.accumulate(monitor, metrics, state.step)
 
-        options = host_memory.step_compiler_options(str(config.train.xla_cpu_scheduler))
+        options = host_memory.step_compiler_options(str(config.train.xla_cpu_scheduler), model.cfg.cpu_kernels)
         step_fn = sharding.shard_carry_step(loop_step, mesh, state, monitor, compiler_options=options)
         start = int(state.step)
         num_steps = int(config.train.num_steps)
