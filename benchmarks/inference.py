@@ -1,6 +1,6 @@
 """Inference speed: frcnn_jax vs torchvision on CPU, same weights, same images, same run.
 
-    python benchmarks/inference.py [--archs c4,fpn,mask_fpn] [--batches 1,4] [--repeats 3]
+    python benchmarks/inference.py [--archs c4,fpn,mask_fpn] [--batches 1,4] [--repeats 3] [--cpu-kernels default,ynnpack_dots]
     python benchmarks/inference.py --smoke    # tiny images, batch 1, one repeat (the test suite runs it)
 
 For each architecture (R-50-C4 as the slides build it, torchvision's R-50-FPN v1, and
@@ -37,6 +37,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # the repository: a plain checkout works too
 
 from _timing import machine_line, print_table  # noqa: E402
+from frcnn_jax.modeling.cpu_kernels import CPU_KERNELS  # noqa: E402
 
 # Image size, resize rule and RPN test-time proposal counts (None: the model's own, 6000/1000 for C4,
 # 1000/1000 per level for FPN); the smoke run keeps C4's res5 box head on 50 proposals, not 1000.
@@ -86,6 +87,7 @@ def child(args) -> dict:
         if size["rpn_test"]:
             pre, post = size["rpn_test"]
             cfg = cfg.updated({"rpn.test.pre_nms_top_n": pre, "rpn.test.post_nms_top_n": post})
+        cfg = cfg.replace(cpu_kernels=args.cpu_kernels)  # the Detector compiles with its options
         det = Detector(
             cfg, variables, batch_size=args.batch, min_size=size["min_size"], max_size=size["max_size"],
             mask_threshold=None,  # Mask R-CNN: float probabilities pasted at the image size, as torchvision returns
@@ -148,6 +150,10 @@ def main(argv=None):
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--cpu-kernels", default="default",
+        help="comma-separated ModelConfig.cpu_kernels settings (XLA:CPU's kernels, modeling/conv.py): a JAX row each",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.framework:
         print(json.dumps(child(args)))
@@ -159,15 +165,19 @@ def main(argv=None):
     for arch in archs:
         if arch not in ARCHS:
             p.error(f"--archs: unknown {arch!r}; choose from {','.join(ARCHS)}")
+    for kernels in args.cpu_kernels.split(","):
+        if kernels not in CPU_KERNELS:
+            p.error(f"--cpu-kernels: unknown {kernels!r}; choose from {','.join(CPU_KERNELS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prepare(tmp, archs, args.threads, size)
         for arch in archs:
-            for batch in [int(b) for b in args.batches.split(",")]:
+            for batch, kernels in [(int(b), k) for b in args.batches.split(",") for k in args.cpu_kernels.split(",")]:
                 res = {}
                 for fw in ("torch", "jax"):
                     cmd = [sys.executable, __file__, "--child", fw, "--arch", arch, "--batch", str(batch), "--dir", tmp,
-                           "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+                           "--repeats", str(args.repeats), "--threads", str(args.threads), "--cpu-kernels", kernels,
+                           ] + (["--smoke"] if args.smoke else [])  # fmt: skip
                     env = dict(os.environ, JAX_PLATFORMS="cpu")
                     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if out.returncode:
@@ -175,7 +185,7 @@ def main(argv=None):
                     res[fw] = json.loads(out.stdout.strip().splitlines()[-1])
                 t, j = res["torch"], res["jax"]
                 rows.append([
-                    ROW_NAME[arch], batch, f"{t['per_image_s']:.2f}", f"{j['per_image_s']:.2f}",
+                    ROW_NAME[arch] + (f", cpu_kernels={kernels}" if kernels != "default" else ""), batch, f"{t['per_image_s']:.2f}", f"{j['per_image_s']:.2f}",
                     f"{j['per_image_s'] / t['per_image_s']:.2f}x", f"{j['compile_s']:.0f}",
                     f"{t['peak_mb'] / 1024:.1f}", f"{j['peak_mb'] / 1024:.1f}", f"{t['detections']}/{j['detections']}",
                 ])  # fmt: skip

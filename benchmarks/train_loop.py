@@ -74,7 +74,8 @@ def bare_images_per_sec(config, steps: int) -> float:
     state, tx = create_train_state(model, init_variables(model, jax.random.key(0)), optim_cfg, 0)
     mesh = sharding.data_mesh()
     state = jax.device_put(state, sharding.replicated(mesh))
-    options = host_memory.step_compiler_options(str(config.train.xla_cpu_scheduler))  # as the loop compiles it
+    # as the loop compiles it
+    options = host_memory.step_compiler_options(str(config.train.xla_cpu_scheduler), model.cfg.cpu_kernels)
     step = sharding.shard_train_step(
         make_train_step(model, tx, learning_rate_schedule(optim_cfg)), mesh, state, compiler_options=options
     )

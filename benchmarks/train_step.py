@@ -1,6 +1,6 @@
 """Training-step speed: frcnn_jax vs torchvision on CPU, same architecture and batch, same run.
 
-    python benchmarks/train_step.py [--models c4,fpn,maskfpn,small] [--repeats 3]
+    python benchmarks/train_step.py [--models c4,fpn,maskfpn,small] [--repeats 3] [--cpu-kernels default,ynnpack_dots]
     python benchmarks/train_step.py --remat none,backbone,all [--cpu-scheduler default,memory]
     python benchmarks/train_step.py --smoke [--remat none,all]   # R-18-FPN (+ mask) on 64x96, one repeat (the suite runs it)
 
@@ -16,6 +16,8 @@ and frozen batch norm on both sides. Reported: median seconds per step (compile
 excluded), images/s, JAX compile time, peak resident memory. The parent process draws the
 batch (torch_reference needs torch) and hands it to both children in a file, so the JAX
 child never imports torch (whose import alone is ~0.6 GB of resident memory).
+`--cpu-kernels`: one JAX row per `ModelConfig.cpu_kernels` setting (XLA:CPU's kernels,
+`modeling/conv.py`), each compiled with its options, beside the one torch row.
 
 `--remat` compares `ModelConfig.remat` settings (default model: "fpn1344", R-50-FPN on
 800x1333 images, canvas 800x1344, batch 2) in one table beside torch's same step: median
@@ -51,7 +53,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # the repository: a plain checkout works too
 
 from _timing import machine_line, print_table  # noqa: E402
-from frcnn_jax.training.host_memory import CPU_SCHEDULERS, release_freed_heap  # noqa: E402
+from frcnn_jax.modeling.cpu_kernels import CPU_KERNELS  # noqa: E402
+from frcnn_jax.training.host_memory import CPU_SCHEDULERS, release_freed_heap, step_compiler_options  # noqa: E402
 
 SPECS = {
     # name: (arch, depth, image hw, canvas hw, batch, rpn per image, rois per image, Mask R-CNN)
@@ -182,8 +185,9 @@ def child_torch(name, spec, repeats, threads, batch_file):
 
 
 def child_jax(
-    name, spec, repeats, batch_file, dtype="float32", remat="none", scheduler="default", malloc_trim=False, buckets=0
-):
+    name, spec, repeats, batch_file, dtype="float32", remat="none", scheduler="default", malloc_trim=False, buckets=0,
+    cpu_kernels="default",
+):  # fmt: skip
     import jax
 
     from frcnn_jax.data import masks as host_masks
@@ -195,7 +199,8 @@ def child_jax(
 
     arch, depth, (h, w), canvas, b, rpn_n, roi_n, mask = spec
     kw = {"arch": arch, "backbone.depth": depth, "num_classes": 81, "rpn.assigner.batch_size_per_image": rpn_n,
-          "roi_heads.assigner.batch_size_per_image": roi_n, "dtype": dtype, "remat": remat}  # fmt: skip
+          "roi_heads.assigner.batch_size_per_image": roi_n, "dtype": dtype, "remat": remat,
+          "cpu_kernels": cpu_kernels}  # fmt: skip
     if arch == "fpn":
         kw.update({"roi_heads.pooler": {"resolution": 7, "sampling_ratio": 2},
                    "rpn.train": {"pre_nms_top_n": 2000, "post_nms_top_n": 2000}})  # fmt: skip
@@ -228,7 +233,7 @@ def child_jax(
         batch["gt_masks"] = np.stack([p["gt_masks"] for p in padded])
         batch["gt_mask_boxes"] = np.stack([p["gt_mask_boxes"] for p in padded])
     t0 = time.perf_counter()
-    step = step.lower(state, batch).compile(CPU_SCHEDULERS[scheduler] or None)
+    step = step.lower(state, batch).compile(step_compiler_options(scheduler, cpu_kernels))  # as the loop compiles it
     compile_s = time.perf_counter() - t0
     temp_gb = step.memory_analysis().temp_size_in_bytes / 2**30
     if malloc_trim:
@@ -245,11 +250,12 @@ def child_jax(
     return {"step_s": statistics.median(times), "compile_s": compile_s, "temp_gb": temp_gb, "device": device}
 
 
-def run_child(fw, name, args, batch_file, dtype="float32", remat="none", scheduler="default"):
+def run_child(fw, name, args, batch_file, dtype="float32", remat="none", scheduler="default", cpu_kernels="default"):
     """Runs one framework's step in a child process; its result dict (with peak_mb)."""
     cmd = [sys.executable, __file__, "--child", fw, "--name", name, "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--dtype", dtype, "--batch", str(args.batch), "--batch-file", batch_file,
-           "--remat", remat, "--cpu-scheduler", scheduler, "--mask-buckets", str(args.mask_buckets)]  # fmt: skip
+           "--remat", remat, "--cpu-scheduler", scheduler, "--mask-buckets", str(args.mask_buckets),
+           "--cpu-kernels", cpu_kernels]  # fmt: skip
     cmd += ["--malloc-trim"] if args.malloc_trim else []
     env = dict(os.environ)
     if args.device == "cpu":
@@ -278,13 +284,18 @@ def remat_table(args, settings, schedulers, tmp):
         rows.append([label, spec[4], "torchvision", "-", f"{t['step_s']:.2f}", "-", "1.00x",
                      f"{t['peak_mb'] / 1024:.2f}", "-", "1.00x", "-", "-"])  # fmt: skip
         res = {}
-        for scheduler in schedulers:
-            for remat in settings:
-                res[remat, scheduler] = run_child("jax", name, args, batch_file, remat=remat, scheduler=scheduler)
-                print(f"done {name} jax {remat} {scheduler}", file=sys.stderr)
-        base = res.get(("none", schedulers[0]), next(iter(res.values())))  # the ratios' "JAX none"
-        for (remat, scheduler), j in res.items():
-            rows.append([label, spec[4], f"JAX remat={remat}", scheduler, f"{j['step_s']:.2f}",
+        for kernels in args.cpu_kernels.split(","):
+            for scheduler in schedulers:
+                for remat in settings:
+                    res[remat, scheduler, kernels] = run_child(
+                        "jax", name, args, batch_file, remat=remat, scheduler=scheduler, cpu_kernels=kernels
+                    )
+                    print(f"done {name} jax {remat} {scheduler} {kernels}", file=sys.stderr)
+        first = ("none", schedulers[0], args.cpu_kernels.split(",")[0])
+        base = res.get(first, next(iter(res.values())))  # the ratios' "JAX none"
+        for (remat, scheduler, kernels), j in res.items():
+            kernels_note = f", cpu_kernels={kernels}" if kernels != "default" else ""
+            rows.append([label, spec[4], f"JAX remat={remat}{kernels_note}", scheduler, f"{j['step_s']:.2f}",
                          f"{j['step_s'] / base['step_s']:.2f}x", f"{j['step_s'] / t['step_s']:.2f}x",
                          f"{j['peak_mb'] / 1024:.2f}", f"{j['peak_mb'] / base['peak_mb']:.2f}x",
                          f"{j['peak_mb'] / t['peak_mb']:.2f}x", f"{j['temp_gb']:.2f}", f"{j['compile_s']:.0f}"])  # fmt: skip
@@ -315,6 +326,11 @@ def main(argv=None):
     )  # fmt: skip
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
     p.add_argument(
+        "--cpu-kernels",
+        default="default",
+        help=f"comma-separated ModelConfig.cpu_kernels settings, of {list(CPU_KERNELS)}",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="a tiny R-18-FPN and its Mask R-CNN on 64x96 images, one repeat"
     )
     args = p.parse_args(argv)
@@ -330,7 +346,7 @@ def main(argv=None):
             remat = args.remat or "none"
             res = child_jax(
                 args.name, spec, args.repeats, args.batch_file, args.dtype, remat, args.cpu_scheduler, args.malloc_trim,
-                args.mask_buckets,
+                args.mask_buckets, args.cpu_kernels,
             )  # fmt: skip
         res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
@@ -353,6 +369,9 @@ def remat_main(args, tmp):
     unknown = sorted(set(schedulers) - set(SCHEDULERS))
     if unknown:
         sys.exit(f"--cpu-scheduler: unknown {unknown}; valid: {list(SCHEDULERS)}")
+    unknown = sorted(set(args.cpu_kernels.split(",")) - set(CPU_KERNELS))
+    if unknown:
+        sys.exit(f"--cpu-kernels: unknown {unknown}; valid: {list(CPU_KERNELS)}")
     rows = remat_table(args, settings, schedulers, tmp)
     print_table(
         f"Training step (forward, the losses (4; Mask R-CNN 5), backward, SGD) by ModelConfig.remat, CPU, {args.threads} threads"
@@ -387,10 +406,13 @@ def default_main(args, tmp):
             spec[4] = args.batch
         batch_file = os.path.join(tmp, f"{name}.npz")
         save_batch(batch_file, spec)
-        for dtype in dtypes:
-            res = {fw: run_child(fw, name, args, batch_file, dtype) for fw in frameworks}
+        for dtype, kernels in [(d, k) for d in dtypes for k in args.cpu_kernels.split(",")]:
+            if kernels not in CPU_KERNELS:
+                sys.exit(f"--cpu-kernels: unknown {kernels!r}; valid: {list(CPU_KERNELS)}")
+            res = {fw: run_child(fw, name, args, batch_file, dtype, cpu_kernels=kernels) for fw in frameworks}
             b = args.batch or SPECS[name][4]
             label = model_label(name, SPECS[name], args.mask_buckets)
+            label += f", cpu_kernels={kernels}" if kernels != "default" else ""
             j = res["jax"]
             if "torch" in res:
                 t = res["torch"]
