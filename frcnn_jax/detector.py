@@ -279,8 +279,8 @@ class Detector(BatchedDetector):
         unpasted). Ignored for box-only models.
       cpu_kernels: XLA:CPU's kernels for the compiled model, "default" or "ynnpack_dots"
         (`ModelConfig.cpu_kernels`; None: the model config's). Same detections up to float
-        rounding; "ynnpack_dots" is faster on CPUs where XLA's own convolution beats
-        YNNPACK's (README, Benchmarks).
+        rounding; on the development CPU "ynnpack_dots" shortens the training step by a
+        third but not inference (README, Benchmarks).
 
     Attributes: model_config (with the post-process above), score_thresh, nms_thresh,
     detections_per_img (the values in effect), min_size, max_size, canvases, batch_size,

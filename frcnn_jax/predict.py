@@ -229,7 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpu-kernels", choices=CPU_KERNELS, default=None,
         help="XLA:CPU's kernels (model.cpu_kernels; default: the checkpoint's): ynnpack_dots runs convolutions on "
-        "XLA's own kernels, faster on some CPUs",
+        "XLA's own kernels; same detections up to float rounding (README, Benchmarks: it speeds training, "
+        "not inference, on the development CPU)",
     )  # fmt: skip
     return p
 
