@@ -152,7 +152,7 @@ def main(argv=None):
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument(
         "--cpu-kernels", default="default",
-        help="comma-separated ModelConfig.cpu_kernels settings (XLA:CPU's kernels, modeling/conv.py): a JAX row each",
+        help="comma-separated ModelConfig.cpu_kernels settings (XLA:CPU's kernels, modeling/cpu_kernels.py): a JAX row each",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.framework:

@@ -17,7 +17,8 @@ excluded), images/s, JAX compile time, peak resident memory. The parent process 
 batch (torch_reference needs torch) and hands it to both children in a file, so the JAX
 child never imports torch (whose import alone is ~0.6 GB of resident memory).
 `--cpu-kernels`: one JAX row per `ModelConfig.cpu_kernels` setting (XLA:CPU's kernels,
-`modeling/conv.py`), each compiled with its options, beside the one torch row.
+`modeling/cpu_kernels.py`), each compiled with its options (each row of the default table
+beside its own torch child; the `--remat` table's one torch row).
 
 `--remat` compares `ModelConfig.remat` settings (default model: "fpn1344", R-50-FPN on
 800x1333 images, canvas 800x1344, batch 2) in one table beside torch's same step: median
@@ -351,6 +352,9 @@ def main(argv=None):
         res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
+    unknown = sorted(set(args.cpu_kernels.split(",")) - set(CPU_KERNELS))
+    if unknown:
+        sys.exit(f"--cpu-kernels: unknown {unknown}; valid: {list(CPU_KERNELS)}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.remat:
             remat_main(args, tmp)
@@ -369,9 +373,6 @@ def remat_main(args, tmp):
     unknown = sorted(set(schedulers) - set(SCHEDULERS))
     if unknown:
         sys.exit(f"--cpu-scheduler: unknown {unknown}; valid: {list(SCHEDULERS)}")
-    unknown = sorted(set(args.cpu_kernels.split(",")) - set(CPU_KERNELS))
-    if unknown:
-        sys.exit(f"--cpu-kernels: unknown {unknown}; valid: {list(CPU_KERNELS)}")
     rows = remat_table(args, settings, schedulers, tmp)
     print_table(
         f"Training step (forward, the losses (4; Mask R-CNN 5), backward, SGD) by ModelConfig.remat, CPU, {args.threads} threads"
@@ -407,8 +408,6 @@ def default_main(args, tmp):
         batch_file = os.path.join(tmp, f"{name}.npz")
         save_batch(batch_file, spec)
         for dtype, kernels in [(d, k) for d in dtypes for k in args.cpu_kernels.split(",")]:
-            if kernels not in CPU_KERNELS:
-                sys.exit(f"--cpu-kernels: unknown {kernels!r}; valid: {list(CPU_KERNELS)}")
             res = {fw: run_child(fw, name, args, batch_file, dtype, cpu_kernels=kernels) for fw in frameworks}
             b = args.batch or SPECS[name][4]
             label = model_label(name, SPECS[name], args.mask_buckets)
