@@ -33,7 +33,7 @@ def _value_and_grads(fn, x, kernel):
     return y, grads
 
 
-@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)])
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 1, 0), (3, 1, 2), (3, 2, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)])
 def test_lowerings_agree_in_value_and_gradients(k, stride, padding):
     x, kernel = _inputs(2, 13, 17, 8, 6, k)
     results = {
@@ -43,6 +43,10 @@ def test_lowerings_agree_in_value_and_gradients(k, stride, padding):
             lambda a, b: conv_lib._xla_conv_dot_kernel_grad(a, b, stride, padding), x, kernel
         ),
     }
+    if stride == 1:
+        results["xla, canonical gradients"] = _value_and_grads(
+            lambda a, b: conv_lib._xla_conv_canonical_grads(a, b, stride, padding), x, kernel
+        )
     y_ref, (dx_ref, dk_ref) = results["xla"]
     assert y_ref.shape == (2, (13 + 2 * padding - k) // stride + 1, (17 + 2 * padding - k) // stride + 1, 6)
     for name, (y, (dx, dk)) in results.items():
@@ -73,6 +77,44 @@ def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
     x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     dk = jax.grad(lambda b: conv_lib._xla_conv_dot_kernel_grad(x, b, 1, 1).astype(jnp.float32).sum())(kernel)
     assert dk.dtype == jnp.bfloat16 and dk.shape == kernel.shape
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
+def test_matrix_product_lowering_keeps_only_its_input_for_the_backward_pass(k, stride, padding):
+    # Differentiated as written, the shifted matrix products would keep all k*k taps of
+    # the input (9 copies for a 3x3 conv: the Mask R-CNN step's mask head held 1.5 GB).
+    x, kernel = _inputs(2, 14, 14, 16, 8, k)
+    _, vjp = jax.vjp(lambda a, b: conv_lib.conv2d(a, b, stride, padding, "dot"), x, kernel)
+    kept = sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
+    assert kept <= x.nbytes + kernel.nbytes
+
+
+def _switched_grad_hlo(conv):
+    """The compiled HLO (ynnpack_dots options) of a conv's gradients inside a `lax.switch` branch."""
+    x, kernel = _inputs(4, 14, 14, 32, 32, 3)
+
+    def grads(a, b):
+        return jax.grad(lambda a_, b_: jnp.sum(jax.nn.relu(conv(a_, b_)) ** 2), (0, 1))(a, b)
+
+    def f(i, a, b):
+        return jax.lax.switch(i, [grads, lambda a_, b_: grads(2 * a_, b_)], a, b)
+
+    options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+    return jax.jit(f, compiler_options=options).lower(jnp.int32(0), x, kernel).compile().as_text()
+
+
+def test_canonical_gradients_stay_convolutions_inside_a_conditional():
+    # Inside a conditional's branch XLA:CPU emits JAX's own convolution gradients as generic
+    # loop fusions ("wrapped_convolution"): the Mask R-CNN step's mask head ran ~300x slower.
+    hlo = _switched_grad_hlo(lambda a, b: conv_lib._xla_conv_canonical_grads(a, b, 1, 1))
+    assert "convolution(" in hlo and "wrapped_convolution" not in hlo
+
+
+def test_bfloat16_matrix_product_gradients_keep_the_dtypes():
+    x, kernel = _inputs(1, 9, 9, 8, 4, 3)
+    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    dx, dk = jax.grad(lambda a, b: conv_lib.conv2d(a, b, 1, 1, "dot").astype(jnp.float32).sum(), (0, 1))(x, kernel)
+    assert dx.dtype == dk.dtype == jnp.bfloat16 and dk.shape == kernel.shape
 
 
 def test_unknown_impl_is_rejected():

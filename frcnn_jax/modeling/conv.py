@@ -33,13 +33,17 @@ forward and backward:
 * "ynnpack_dots" (convolutions on XLA's own kernels, 2.5-3x faster than YNNPACK's here:
   a 3x3 conv, 256 channels, 1x200x272 2.2 -> 0.80 s, 2x50x68 257 -> 89 ms):
   XLA's convolution is then the fastest lowering for large maps (on P2
-  0.80 s against 1.37 s with the matrix-product kernel gradient), so only 1x1 kernels
-  and k x k kernels on batches of small maps stay matrix products. On those small maps
-  XLA's convolution would be faster still (the mask head's four 3x3 convs on 64 ROIs of
-  14x14: 1.0 s as matrix products, 0.66 s as XLA's convolution), but they run inside the
-  Mask R-CNN training step's bucket switch (`MaskHeadConfig.train_buckets`), and XLA:CPU
-  runs a convolution inside a conditional's branch through a generic loop, about 100x
-  slower (171 s against 1.8 s for those four convs under "default").
+  0.80 s against 1.37 s with the matrix-product kernel gradient) and for stride-1 k x k
+  kernels on batches of small maps too (the mask head's four 3x3 convs on 64 ROIs of
+  14x14: 0.59 s against 1.3 s as matrix products). Those run inside the Mask R-CNN
+  training step's bucket switch (`MaskHeadConfig.train_buckets`), where XLA:CPU runs
+  JAX's convolution gradients as generic loops (173 s for those four convs), so they
+  take `_xla_conv_canonical_grads`, whose gradients are written as convolutions in the
+  layout XLA's kernels take (0.59 s inside the switch). 1x1 kernels and strided small
+  maps stay matrix products.
+
+The matrix-product lowering keeps only its input for the backward pass
+(`_dot_conv`'s custom gradient), not the k*k taps it slices from it.
 """
 
 from __future__ import annotations
@@ -100,13 +104,46 @@ def _taps(x, kh: int, kw: int, stride: int, padding: int):
             )
 
 
-def _dot_conv(x, kernel, stride: int, padding: int):
+def _dot_conv_sum(x, kernel, stride: int, padding: int):
     kh, kw = kernel.shape[:2]
     out = None
     for dy, dx, tap in _taps(x, kh, kw, stride, padding):
         y = jnp.einsum("nhwc,cd->nhwd", tap, kernel[dy, dx])
         out = y if out is None else out + y
     return out
+
+
+def _tap_kernel_grad(x, g, kernel_shape, stride: int, padding: int):
+    """The kernel gradient [kh, kw, Cin, Cout] of a convolution as one [Cin, Cout] matrix product per tap."""
+    kh, kw = kernel_shape[:2]
+    # _taps yields the taps in row-major (dy, dx) order.
+    dkernel = jnp.stack([jnp.einsum("nhwc,nhwd->cd", tap, g) for _, _, tap in _taps(x, kh, kw, stride, padding)])
+    return dkernel.reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dot_conv(x, kernel, stride: int, padding: int):
+    """The convolution as a sum of k*k shifted matrix products.
+
+    Its gradient keeps only `x` and `kernel` for the backward pass and slices the taps
+    again there: differentiated as written, each of the k*k taps of `x` would be kept,
+    materialised, until the backward pass (k*k = 9 copies of the input of every 3x3
+    convolution: 1.5 GB for the mask head of a Mask R-CNN training step).
+    """
+    return _dot_conv_sum(x, kernel, stride, padding)
+
+
+def _dot_conv_fwd(x, kernel, stride, padding):
+    return _dot_conv_sum(x, kernel, stride, padding), (x, kernel)
+
+
+def _dot_conv_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    (dx,) = jax.linear_transpose(lambda x_: _dot_conv_sum(x_, kernel, stride, padding), x)(g)
+    return dx, _tap_kernel_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
+
+
+_dot_conv.defvjp(_dot_conv_fwd, _dot_conv_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -120,15 +157,51 @@ def _xla_conv_fwd(x, kernel, stride, padding):
 
 def _xla_conv_bwd(stride, padding, residuals, g):
     x, kernel = residuals
-    transpose = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
-    (dx,) = transpose(g)
-    kh, kw = kernel.shape[:2]
-    # _taps yields the taps in row-major (dy, dx) order: one [Cin, Cout] product each.
-    dkernel = jnp.stack([jnp.einsum("nhwc,nhwd->cd", tap, g) for _, _, tap in _taps(x, kh, kw, stride, padding)])
-    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+    (dx,) = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, stride, padding), x)(g)
+    return dx, _tap_kernel_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
 
 
 _xla_conv_dot_kernel_grad.defvjp(_xla_conv_fwd, _xla_conv_bwd)
+
+
+def _kernel_grad_conv(x, g, kernel_shape, padding: int):
+    """The kernel gradient [kh, kw, Cin, Cout] of a stride-1 convolution as one NHWC / HWIO convolution.
+
+    dk[a, b, i, o] = sum_{n, h, w} x_padded[n, h + a, w + b, i] g[n, h, w, o]: Cin taken as
+    the batch, N as the contracted features and g as the kernel.
+    """
+    lhs = jnp.transpose(x, (3, 1, 2, 0))  # [Cin, H, W, N]
+    rhs = jnp.transpose(g, (1, 2, 0, 3))  # [H', W', N, Cout]
+    out = _xla_conv(lhs, rhs, 1, padding)  # [Cin, kh, kw, Cout]
+    assert out.shape[1:3] == tuple(kernel_shape[:2]), (out.shape, kernel_shape)
+    return jnp.transpose(out, (1, 2, 0, 3))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _xla_conv_canonical_grads(x, kernel, stride: int, padding: int):
+    """XLA's stride-1 convolution whose two gradients are written as NHWC / HWIO convolutions too.
+
+    Differentiated by JAX, the gradients are convolutions with other dimension orders,
+    which XLA:CPU's layout passes bring to a form its convolution kernels take, except
+    inside a conditional's branch (the Mask R-CNN step's bucket switch): there they run as
+    generic loops, about 300x slower. Written in that form they run as fast in a branch as
+    outside it (`tests/test_conv.py`).
+    """
+    return _xla_conv(x, kernel, stride, padding)
+
+
+def _canonical_fwd(x, kernel, stride, padding):
+    return _xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _canonical_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    kh = kernel.shape[0]
+    dx = _xla_conv(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1, kh - 1 - padding)
+    return dx, _kernel_grad_conv(x, g, kernel.shape, padding).astype(kernel.dtype)
+
+
+_xla_conv_canonical_grads.defvjp(_canonical_fwd, _canonical_bwd)
 
 
 def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto", cpu_kernels: str = "default"):
@@ -166,6 +239,9 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto", cpu
 
 def _cpu_lowering(x_shape, kernel_shape, stride: int, cpu_kernels: str = "default"):
     """The CPU-tuned `f(x, kernel, stride, padding)` for these static shapes, or None (XLA's conv is best)."""
+    kh, kw = kernel_shape[:2]
+    if cpu_kernels == "ynnpack_dots" and kh == kw > 1 and stride == 1 and _use_dots(x_shape, kernel_shape, stride):
+        return _xla_conv_canonical_grads
     if _use_dots(x_shape, kernel_shape, stride):
         return _dot_conv
     if cpu_kernels == "ynnpack_dots":
