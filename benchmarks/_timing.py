@@ -81,3 +81,29 @@ def print_table(title: str, header: list[str], rows: list[list[str]]):
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's peak resident memory (Linux: VmHWM, via /proc/self/clear_refs).
+
+    Lets a benchmark report the peak of its steps apart from earlier phases (XLA's compiler
+    peaks higher than the step it compiles). False where the kernel does not offer it.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory (MiB) since the process started or `reset_peak_rss` (Linux VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

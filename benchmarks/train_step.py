@@ -13,7 +13,9 @@ so its row beside "fpn" shows what the mask branch costs. Each framework runs in
 memory is per framework): forward, the four losses, backward and an SGD update, with
 the same sampling sizes (RPN 256 anchors, box head 512 ROIs per image; small: 128 and 64)
 and frozen batch norm on both sides. Reported: median seconds per step (compile
-excluded), images/s, JAX compile time, peak resident memory. The parent process draws the
+excluded), images/s, JAX compile time, peak resident memory: of the whole child ("peak") and
+of the steps alone ("step peak", Linux: the peak is reset after torch builds its model and
+after JAX compiles, whose compiler peaks higher than the step). The parent process draws the
 batch (torch_reference needs torch) and hands it to both children in a file, so the JAX
 child never imports torch (whose import alone is ~0.6 GB of resident memory).
 `--cpu-kernels`: one JAX row per `ModelConfig.cpu_kernels` setting (XLA:CPU's kernels,
@@ -53,7 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # the repository: a plain checkout works too
 
-from _timing import machine_line, print_table  # noqa: E402
+from _timing import machine_line, peak_rss_mb, print_table, reset_peak_rss  # noqa: E402
 from frcnn_jax.modeling.cpu_kernels import CPU_KERNELS  # noqa: E402
 from frcnn_jax.training.host_memory import CPU_SCHEDULERS, release_freed_heap, step_compiler_options  # noqa: E402
 
@@ -176,13 +178,14 @@ def child_torch(name, spec, repeats, threads, batch_file):
         opt.step()
         return float(loss)
 
+    reset = reset_peak_rss()  # the steps' peak apart from building the model (as JAX's apart from compiling)
     step()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "compile_s": 0.0}
+    return {"step_s": statistics.median(times), "compile_s": 0.0, "step_peak_mb": peak_rss_mb() if reset else None}
 
 
 def child_jax(
@@ -239,6 +242,7 @@ def child_jax(
     temp_gb = step.memory_analysis().temp_size_in_bytes / 2**30
     if malloc_trim:
         release_freed_heap()
+    reset = reset_peak_rss()  # the steps' peak apart from the compiler's
     state, m = step(state, batch)
     jax.block_until_ready(m)
     times = []
@@ -248,7 +252,12 @@ def child_jax(
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     device = str(jax.devices()[0].device_kind)
-    return {"step_s": statistics.median(times), "compile_s": compile_s, "temp_gb": temp_gb, "device": device}
+    return {"step_s": statistics.median(times), "compile_s": compile_s, "temp_gb": temp_gb, "device": device,
+            "step_peak_mb": peak_rss_mb() if reset else None}  # fmt: skip
+
+
+def _gb(mb, digits=1):
+    return "-" if mb is None else f"{mb / 1024:.{digits}f}"
 
 
 def run_child(fw, name, args, batch_file, dtype="float32", remat="none", scheduler="default", cpu_kernels="default"):
@@ -283,7 +292,7 @@ def remat_table(args, settings, schedulers, tmp):
         print(f"done {name} torch", file=sys.stderr)
         label = f"{model_label(name, spec, args.mask_buckets)} (canvas {spec[3][0]}x{spec[3][1]})"
         rows.append([label, spec[4], "torchvision", "-", f"{t['step_s']:.2f}", "-", "1.00x",
-                     f"{t['peak_mb'] / 1024:.2f}", "-", "1.00x", "-", "-"])  # fmt: skip
+                     f"{t['peak_mb'] / 1024:.2f}", "-", "1.00x", _gb(t.get("step_peak_mb"), 2), "-", "-"])  # fmt: skip
         res = {}
         for kernels in args.cpu_kernels.split(","):
             for scheduler in schedulers:
@@ -299,7 +308,8 @@ def remat_table(args, settings, schedulers, tmp):
             rows.append([label, spec[4], f"JAX remat={remat}{kernels_note}", scheduler, f"{j['step_s']:.2f}",
                          f"{j['step_s'] / base['step_s']:.2f}x", f"{j['step_s'] / t['step_s']:.2f}x",
                          f"{j['peak_mb'] / 1024:.2f}", f"{j['peak_mb'] / base['peak_mb']:.2f}x",
-                         f"{j['peak_mb'] / t['peak_mb']:.2f}x", f"{j['temp_gb']:.2f}", f"{j['compile_s']:.0f}"])  # fmt: skip
+                         f"{j['peak_mb'] / t['peak_mb']:.2f}x", _gb(j.get("step_peak_mb"), 2), f"{j['temp_gb']:.2f}",
+                         f"{j['compile_s']:.0f}"])  # fmt: skip
     return rows
 
 
@@ -389,6 +399,7 @@ def remat_main(args, tmp):
             "peak GB",
             "vs JAX none",
             "vs torch",
+            "step peak GB",
             "XLA temp GB",
             "JAX compile s",
         ],  # fmt: skip
@@ -417,7 +428,8 @@ def default_main(args, tmp):
                 t = res["torch"]
                 rows.append([label, b, f"{t['step_s']:.2f}", f"{j['step_s']:.2f}", f"{j['step_s'] / t['step_s']:.2f}x",
                              f"{b / t['step_s']:.2f}", f"{b / j['step_s']:.2f}", f"{j['compile_s']:.0f}",
-                             f"{t['peak_mb'] / 1024:.1f}", f"{j['peak_mb'] / 1024:.1f}"])  # fmt: skip
+                             f"{t['peak_mb'] / 1024:.1f}", f"{j['peak_mb'] / 1024:.1f}",
+                             _gb(t.get("step_peak_mb")), _gb(j.get("step_peak_mb"))])  # fmt: skip
             else:
                 rows.append(
                     [
@@ -450,6 +462,8 @@ def default_main(args, tmp):
                 "JAX compile s",
                 "torch peak GB",
                 "JAX peak GB",
+                "torch step peak GB",
+                "JAX step peak GB",
             ],  # fmt: skip
             rows,
         )
