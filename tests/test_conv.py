@@ -33,7 +33,9 @@ def _value_and_grads(fn, x, kernel):
     return y, grads
 
 
-@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 1, 0), (3, 1, 2), (3, 2, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)])
+@pytest.mark.parametrize(
+    "k,stride,padding", [(3, 1, 1), (3, 1, 0), (3, 1, 2), (3, 2, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)]
+)
 def test_lowerings_agree_in_value_and_gradients(k, stride, padding):
     x, kernel = _inputs(2, 13, 17, 8, 6, k)
     results = {
