@@ -122,6 +122,22 @@ def _tap_kernel_grad(x, g, kernel_shape, stride: int, padding: int):
     return dkernel.reshape(kernel_shape)
 
 
+def _tap_kernel_grad_rules(forward):
+    """custom_vjp (fwd, bwd) rules for a convolution `forward(x, kernel, stride, padding)`:
+    the residuals are `x` and `kernel` only; dx is the transpose of `forward`, dk one
+    matrix product per kernel tap (`_tap_kernel_grad`)."""
+
+    def fwd(x, kernel, stride, padding):
+        return forward(x, kernel, stride, padding), (x, kernel)
+
+    def bwd(stride, padding, residuals, g):
+        x, kernel = residuals
+        (dx,) = jax.linear_transpose(lambda x_: forward(x_, kernel, stride, padding), x)(g)
+        return dx, _tap_kernel_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
+
+    return fwd, bwd
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dot_conv(x, kernel, stride: int, padding: int):
     """The convolution as a sum of k*k shifted matrix products.
@@ -134,17 +150,7 @@ def _dot_conv(x, kernel, stride: int, padding: int):
     return _dot_conv_sum(x, kernel, stride, padding)
 
 
-def _dot_conv_fwd(x, kernel, stride, padding):
-    return _dot_conv_sum(x, kernel, stride, padding), (x, kernel)
-
-
-def _dot_conv_bwd(stride, padding, residuals, g):
-    x, kernel = residuals
-    (dx,) = jax.linear_transpose(lambda x_: _dot_conv_sum(x_, kernel, stride, padding), x)(g)
-    return dx, _tap_kernel_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
-
-
-_dot_conv.defvjp(_dot_conv_fwd, _dot_conv_bwd)
+_dot_conv.defvjp(*_tap_kernel_grad_rules(_dot_conv_sum))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -152,17 +158,7 @@ def _xla_conv_dot_kernel_grad(x, kernel, stride: int, padding: int):
     return _xla_conv(x, kernel, stride, padding)
 
 
-def _xla_conv_fwd(x, kernel, stride, padding):
-    return _xla_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _xla_conv_bwd(stride, padding, residuals, g):
-    x, kernel = residuals
-    (dx,) = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, stride, padding), x)(g)
-    return dx, _tap_kernel_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
-
-
-_xla_conv_dot_kernel_grad.defvjp(_xla_conv_fwd, _xla_conv_bwd)
+_xla_conv_dot_kernel_grad.defvjp(*_tap_kernel_grad_rules(_xla_conv))
 
 
 def _kernel_grad_conv(x, g, kernel_shape, padding: int):
