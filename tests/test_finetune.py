@@ -261,10 +261,11 @@ def finetune_flags(ckpt, annotations, images) -> list[str]:
         f"--config.data.coco_json.train_images={images}",
         f"--config.data.coco_json.val_annotations={annotations}",
         f"--config.data.coco_json.val_images={images}",
-        # small: 256 px short side in one 320x320 canvas, 8 steps of the same 2 images
+        # small: 256 px short side in one 320x320 canvas, 8 steps of the same 2 images, LR 0.002
+        # (the tutorial's 0.005 makes 8 steps from these random-weight detectors spike)
         "--config.data.min_size=(256,)", "--config.data.test_min_size=256", "--config.data.max_size=320",
         "--config.data.canvases=((320, 320),)", "--config.data.hflip=False",
-        "--config.optim.base_lr=0.005", "--config.optim.warmup_steps=0", "--config.optim.decay_steps=(1000,)",
+        "--config.optim.base_lr=0.002", "--config.optim.warmup_steps=0", "--config.optim.decay_steps=(1000,)",
         "--config.train.num_steps=8", "--config.train.log_every=1", "--config.train.eval_max_images=2",
         "--config.train.visualize=0", "--config.train.xla_cpu_scheduler=default",
     ]  # fmt: skip
@@ -322,7 +323,12 @@ def test_finetune_converted_fpn_on_coco128_with_4_classes(converted_fpn, coco4, 
     losses = _losses(workdir)
     print("losses:", " ".join(f"{x:.4f}" for x in losses))
     assert len(losses) == 8 and np.all(np.isfinite(losses))
-    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses  # 2.40 vs 3.16 when written
+    # Each step samples its anchors and ROIs anew, so single losses are noisy: the median of
+    # the last 4 against the first step's (the converted weights'). At the tutorial's LR 0.005
+    # the 8 steps spiked (3.81 ... 2.49 3.66; with other float rounding 3.51 5.10 2.39) and
+    # failed the earlier bound (mean of the last 3 < 0.85 x the first 3) on one machine and
+    # not another; at 0.002 they fall smoothly, 3.81 -> 1.73 (median of the last 4: 0.52x).
+    assert np.median(losses[-4:]) < 0.7 * losses[0], losses
 
 
 def test_init_matches_the_converted_checkpoint(converted_fpn):
