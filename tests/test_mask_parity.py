@@ -115,7 +115,12 @@ def test_detector_pasted_masks_match_torchvision(pair, torch, shared):
     """The full `Detector` (preprocessing, jitted forward, host paste at the original size) against
     torchvision's whole forward (its `paste_masks_in_image`), thresholded at
     0.5: each of our detections is matched to torchvision's of the same label with the most
-    overlapping box, and the two binary masks must have IoU >= 0.99."""
+    overlapping box, and the two binary masks must have IoU >= 0.99 away from the threshold:
+    pixels where torchvision's probability is within 1e-4 of 0.5 (the mask-stage test's probability
+    tolerance) are left out of the IoU, since float rounding decides them (on an AMD EPYC
+    one such pixel of a C4 detection, a 77 x 1 pixel box with a 57-pixel mask, torchvision
+    0.49991, flipped: IoU 0.982 with it), and together they are < 0.2 % of the masks' pixels
+    (the calibration puts the median probability at 0.5: 0.06 % here)."""
     from PIL import Image
 
     from frcnn_jax.detector import Detector
@@ -125,23 +130,30 @@ def test_detector_pasted_masks_match_torchvision(pair, torch, shared):
     with torch.no_grad():
         ref = pair["tv"]([torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255])[0]
     ref_boxes, ref_labels = ref["boxes"].numpy(), ref["labels"].numpy()
-    ref_masks = ref["masks"][:, 0].numpy() > 0.5  # [N, H, W]
+    ref_probs = ref["masks"][:, 0].numpy()  # [N, H, W] float
+    ref_masks = ref_probs > 0.5
     ours = Detector(pair["cfg"], pair["variables"])(image)
     k = len(ours["scores"])
     assert ours["masks"].shape == (k, *image.shape[:2]) and ours["masks"].dtype == bool and k >= 50
-    ious, unmatched = [], 0
+    ious, unmatched, edge_pixels, mask_pixels = [], 0, 0, 0
     for box, label, mask in zip(ours["boxes"], ours["labels"], ours["masks"]):
         same = np.flatnonzero(ref_labels == label)
         box_iou = iou_one_to_many(box, ref_boxes[same]) if len(same) else np.zeros(0)
         if not len(same) or box_iou.max() < 0.99:
             unmatched += 1  # a detection at the score / NMS edge that float rounding flipped
             continue
-        other = ref_masks[same[int(np.argmax(box_iou))]]
+        j = same[int(np.argmax(box_iou))]
+        clear = np.abs(ref_probs[j] - 0.5) >= 1e-4  # pixels float rounding does not decide
+        mask, other = mask & clear, ref_masks[j] & clear
         union = np.logical_or(mask, other).sum()
         ious.append(1.0 if union == 0 else np.logical_and(mask, other).sum() / union)
+        edge_pixels += int((~clear).sum())
+        mask_pixels += int(ref_masks[j].sum())
     ious = np.asarray(ious)
     print(f"\nDetector vs torchvision pasted masks: {k} detections, {len(ious)} matched, min IoU {ious.min():.5f}, "
-          f"mean {ious.mean():.5f}, non-empty {ours['masks'].any(axis=(1, 2)).mean():.2f}")  # fmt: skip
+          f"mean {ious.mean():.5f}, non-empty {ours['masks'].any(axis=(1, 2)).mean():.2f}, "
+          f"{edge_pixels} of {mask_pixels} mask pixels within 1e-4 of the threshold")  # fmt: skip
     assert unmatched <= 0.05 * k, unmatched
+    assert edge_pixels < 2e-3 * mask_pixels, (edge_pixels, mask_pixels)
     assert ref_masks.any(axis=(1, 2)).mean() > 0.9  # calibrated: real masks, not empty ones
     assert ious.min() >= 0.99, np.sort(ious)[:5]
