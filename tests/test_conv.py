@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from frcnn_jax.modeling import conv as conv_lib
+from frcnn_jax.modeling import cpu_kernels as cpu_kernels_lib
 
 
 def _inputs(n, h, w, cin, cout, k, seed=0):
@@ -44,6 +45,7 @@ def test_lowerings_agree_in_value_and_gradients(k, stride, padding):
         "xla+dot kernel grad": _value_and_grads(
             lambda a, b: conv_lib._xla_conv_dot_kernel_grad(a, b, stride, padding), x, kernel
         ),
+        "xla+dot grads": _value_and_grads(lambda a, b: conv_lib._xla_conv_dot_grads(a, b, stride, padding), x, kernel),
     }
     if stride == 1:
         results["xla, canonical gradients"] = _value_and_grads(
@@ -82,17 +84,22 @@ def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
 
 
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
-def test_matrix_product_lowering_keeps_only_its_input_for_the_backward_pass(k, stride, padding):
+@pytest.mark.parametrize("lowering", ["dot", "xla+dot grads"])
+def test_matrix_product_gradients_keep_only_the_input_for_the_backward_pass(k, stride, padding, lowering):
     # Differentiated as written, the shifted matrix products would keep all k*k taps of
     # the input (9 copies for a 3x3 conv: the Mask R-CNN step's mask head held 1.5 GB).
     x, kernel = _inputs(2, 14, 14, 16, 8, k)
-    _, vjp = jax.vjp(lambda a, b: conv_lib.conv2d(a, b, stride, padding, "dot"), x, kernel)
+    conv = {
+        "dot": lambda a, b: conv_lib.conv2d(a, b, stride, padding, "dot"),
+        "xla+dot grads": lambda a, b: conv_lib._xla_conv_dot_grads(a, b, stride, padding),
+    }[lowering]
+    _, vjp = jax.vjp(conv, x, kernel)
     kept = sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
     assert kept <= x.nbytes + kernel.nbytes
 
 
-def _switched_grad_hlo(conv):
-    """The compiled HLO (ynnpack_dots options) of a conv's gradients inside a `lax.switch` branch."""
+def _switched_grad_hlo(conv, options):
+    """The compiled HLO (XLA:CPU `options`) of a conv's gradients inside a `lax.switch` branch."""
     x, kernel = _inputs(4, 14, 14, 32, 32, 3)
 
     def grads(a, b):
@@ -101,14 +108,19 @@ def _switched_grad_hlo(conv):
     def f(i, a, b):
         return jax.lax.switch(i, [grads, lambda a_, b_: grads(2 * a_, b_)], a, b)
 
-    options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-    return jax.jit(f, compiler_options=options).lower(jnp.int32(0), x, kernel).compile().as_text()
+    return jax.jit(f, compiler_options=options or None).lower(jnp.int32(0), x, kernel).compile().as_text()
 
 
-def test_canonical_gradients_stay_convolutions_inside_a_conditional():
+@pytest.mark.parametrize(
+    "cpu_kernels,lowering", [("ynnpack_dots", "_xla_conv_canonical_grads"), ("default", "_xla_conv_dot_grads")]
+)
+def test_small_map_gradients_stay_fast_kernels_inside_a_conditional(cpu_kernels, lowering):
     # Inside a conditional's branch XLA:CPU emits JAX's own convolution gradients as generic
     # loop fusions ("wrapped_convolution"): the Mask R-CNN step's mask head ran ~300x slower.
-    hlo = _switched_grad_hlo(lambda a, b: conv_lib._xla_conv_canonical_grads(a, b, 1, 1))
+    # The small-map lowerings' gradients are convolutions in the form XLA's kernels take, or
+    # matrix products.
+    conv = getattr(conv_lib, lowering)
+    hlo = _switched_grad_hlo(lambda a, b: conv(a, b, 1, 1), cpu_kernels_lib.compiler_options(cpu_kernels))
     assert "convolution(" in hlo and "wrapped_convolution" not in hlo
 
 
@@ -154,7 +166,7 @@ _PLATFORM_SETS = (("cpu",), ("cuda",), ("tpu",), ("cuda", "tpu"), ("cpu", "cuda"
     "case,shape,k,stride,padding",
     [
         ("1x1 as one matrix product", (2, 12, 10, 8), 1, 1, 0),
-        ("3x3 on a small map as shifted products", (4, 8, 8, 128), 3, 1, 1),
+        ("3x3 on a small map, gradients as shifted products", (4, 8, 8, 128), 3, 1, 1),
         ("3x3 kernel gradient as per-tap products", (2, 20, 18, 128), 3, 1, 1),
     ],
 )
@@ -180,6 +192,10 @@ def test_cpu_path_is_lowered_for_cpu_only(case, shape, k, stride, padding, monke
         # the tuned path keeps XLA's forward and input gradient on CPU, only the kernel gradient is per-tap
         assert "stablehlo.convolution" in texts[("cpu",)]
         assert cpu_conv_dots(texts[("cpu",)]) == k * k  # one [Cin, Cout] product per kernel tap
+    elif "small map" in case:
+        # XLA's forward; both gradients as per-tap products (the input gradient's and the kernel's)
+        assert texts[("cpu",)].count("stablehlo.convolution") == 1
+        assert cpu_conv_dots(texts[("cpu",)]) == 2 * k * k
     else:
         assert "stablehlo.convolution" not in texts[("cpu",)]
 

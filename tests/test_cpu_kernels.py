@@ -47,10 +47,11 @@ def test_each_setting_picks_its_lowering():
     rois = (128, 14, 14, 256)  # the mask head's maps: run inside the training step's bucket switch
     assert _lowering(p2, kernel3, "default") == "_xla_conv_dot_kernel_grad"
     assert _lowering(p2, kernel3, "ynnpack_dots") is None  # XLA's convolution, forward and backward
-    assert _lowering(rois, kernel3, "default") == "_dot_conv_sum"  # JAX's gradient of the products
-    # XLA's convolution with gradients its kernels take inside the switch's branches too
+    # XLA's convolution forward; backward the matrix products' gradients ("default", strided),
+    # or convolutions in the form XLA's kernels take inside the switch's branches too
+    assert _lowering(rois, kernel3, "default") == "_xla_conv_dot_grads"
     assert _lowering(rois, kernel3, "ynnpack_dots") == "_xla_conv_canonical_grads"
-    assert conv_lib._cpu_lowering(rois, kernel3, 2, "ynnpack_dots").__name__ == "_dot_conv"  # strided: products
+    assert conv_lib._cpu_lowering(rois, kernel3, 2, "ynnpack_dots").__name__ == "_xla_conv_dot_grads"
     assert _lowering(p2, kernel1, "default") == "_dot_conv_sum"
     assert _lowering(p2, kernel1, "ynnpack_dots") == "_dot_conv"  # keeps only its input for the backward pass
 

@@ -1,13 +1,21 @@
 """2-D convolution (NHWC, HWIO kernels) with a choice of XLA lowering.
 
-XLA's CPU convolution is slow in two places that Faster R-CNN hits hard, so on CPU
-`conv2d(impl="auto")` routes around them (measured on a 2-core AVX-512 machine, see
-`tests/test_conv.py` for the equivalence checks):
+XLA's CPU convolution is slow in three places that Faster R-CNN hits hard, so on CPU
+`conv2d(impl="auto")` routes around them (`tests/test_conv.py` checks that every lowering
+gives the same values and gradients):
 
-* 1x1 kernels, and k x k kernels on batches of small maps (the C4 box head runs
-  `layer4` on 1000 ROIs of 14x14): XLA's convolution is up to 2x slower than a plain
-  matrix product. These are computed as a sum of k*k shifted matrix products (one for
-  1x1), which XLA maps onto its fast GEMM.
+* 1x1 kernels: computed as one matrix product, which XLA maps onto its fast GEMM (up to
+  2x faster than its convolution).
+* k x k kernels on batches of small maps (the mask head's 3x3 convs on ROIs of 14x14, the
+  C4 box head's `layer4` on 1000 ROIs): XLA's forward convolution is the fastest there
+  (AMD EPYC, jax 0.12.1: [100, 14, 14, 256] 59 ms against 120 ms as 9 shifted matrix
+  products; [1000, 7, 7, 512] 683 against 918 ms), but JAX's gradients of it become
+  generic loops inside a conditional's branch (the Mask R-CNN step's bucket switch,
+  `MaskHeadConfig.train_buckets`: ~300x slower). Their gradients are therefore written
+  by hand: as the shifted matrix products' (`_xla_conv_dot_grads`), or under
+  "ynnpack_dots" for stride 1 as convolutions in the layout XLA's kernels take
+  (`_xla_conv_canonical_grads`). Either keeps only the input and the kernel for the
+  backward pass, not the k*k taps differentiating the products as written would keep.
 * The kernel gradient of a k x k convolution over a large input with >= 128 channels
   (FPN's P2 level: 3x3, 256 channels on 2x200x272 takes 6-8 s in XLA against 1.3 s as
   shifted matrix products; 1x200x272x512: 11 s against 2 s). Such convolutions keep
@@ -30,21 +38,16 @@ Which CPU lowering is fastest depends on the kernels XLA:CPU compiles the progra
 forward and backward:
 
 * "default": the rules above.
-* "ynnpack_dots" (convolutions on XLA's own kernels, 2.5-3x faster than YNNPACK's here:
+* "ynnpack_dots" (convolutions on XLA's own kernels, 2.5-3x faster than YNNPACK's there:
   a 3x3 conv, 256 channels, 1x200x272 2.2 -> 0.80 s, 2x50x68 257 -> 89 ms):
-  XLA's convolution is then the fastest lowering for large maps (on P2
-  0.80 s against 1.37 s with the matrix-product kernel gradient) and for stride-1 k x k
-  kernels on batches of small maps too (the mask head's four 3x3 convs on 64 ROIs of
-  14x14: 0.59 s against 1.3 s as matrix products). Those run inside the Mask R-CNN
-  training step's bucket switch (`MaskHeadConfig.train_buckets`), where XLA:CPU runs
-  JAX's convolution gradients as generic loops (173 s for those four convs), so they
-  take `_xla_conv_canonical_grads`, whose gradients are written as convolutions in the
-  layout XLA's kernels take (0.59 s inside the switch). 1x1 kernels and strided small
-  maps stay matrix products.
+  XLA's convolution is then the fastest lowering for large maps, gradients included (on
+  P2 0.80 s against 1.37 s with the matrix-product kernel gradient), and the stride-1
+  small-map convolutions take `_xla_conv_canonical_grads` (the mask head's four 3x3 convs
+  on 64 ROIs of 14x14, forward and backward inside the switch: 0.59 s, against 1.3 s as
+  matrix products and 173 s with JAX's gradients). 1x1 kernels stay matrix products
+  (`_dot_conv`, whose gradient keeps only its input).
 
-Under "ynnpack_dots" and with `impl="dot"` the matrix-product lowering keeps only its input
-for the backward pass (`_dot_conv`'s custom gradient), not the k*k taps it slices from it.
-"default" keeps JAX's own gradient of the products (`_dot_conv_sum`), which keeps the taps.
+With `impl="dot"` the convolution is the shifted matrix products everywhere (`_dot_conv`).
 """
 
 from __future__ import annotations
@@ -122,17 +125,19 @@ def _tap_kernel_grad(x, g, kernel_shape, stride: int, padding: int):
     return dkernel.reshape(kernel_shape)
 
 
-def _tap_kernel_grad_rules(forward):
+def _tap_kernel_grad_rules(forward, transpose=None):
     """custom_vjp (fwd, bwd) rules for a convolution `forward(x, kernel, stride, padding)`:
-    the residuals are `x` and `kernel` only; dx is the transpose of `forward`, dk one
-    matrix product per kernel tap (`_tap_kernel_grad`)."""
+    the residuals are `x` and `kernel` only; dx is the transpose of `transpose` (another
+    lowering of the same convolution; default `forward`), dk one matrix product per kernel
+    tap (`_tap_kernel_grad`)."""
+    transpose = transpose or forward
 
     def fwd(x, kernel, stride, padding):
         return forward(x, kernel, stride, padding), (x, kernel)
 
     def bwd(stride, padding, residuals, g):
         x, kernel = residuals
-        (dx,) = jax.linear_transpose(lambda x_: forward(x_, kernel, stride, padding), x)(g)
+        (dx,) = jax.linear_transpose(lambda x_: transpose(x_, kernel, stride, padding), x)(g)
         return dx, _tap_kernel_grad(x, g, kernel.shape, stride, padding).astype(kernel.dtype)
 
     return fwd, bwd
@@ -151,6 +156,21 @@ def _dot_conv(x, kernel, stride: int, padding: int):
 
 
 _dot_conv.defvjp(*_tap_kernel_grad_rules(_dot_conv_sum))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _xla_conv_dot_grads(x, kernel, stride: int, padding: int):
+    """XLA's convolution forward, `_dot_conv`'s gradients backward (its matrix products).
+
+    For k x k kernels on batches of small maps: XLA's forward convolution is about 2x
+    faster than the shifted products there, while the products' gradients run as fast in
+    the Mask R-CNN step's bucket switch as outside it (JAX's gradients of XLA's
+    convolution do not, under the default kernels as under "ynnpack_dots").
+    """
+    return _xla_conv(x, kernel, stride, padding)
+
+
+_xla_conv_dot_grads.defvjp(*_tap_kernel_grad_rules(_xla_conv, transpose=_dot_conv_sum))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -237,16 +257,14 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, impl: str = "auto", cpu
 def _cpu_lowering(x_shape, kernel_shape, stride: int, cpu_kernels: str = "default"):
     """The CPU-tuned `f(x, kernel, stride, padding)` for these static shapes, or None (XLA's conv is best)."""
     kh, kw = kernel_shape[:2]
-    if cpu_kernels == "ynnpack_dots":
-        if not _use_dots(x_shape, kernel_shape, stride):
-            return None
-        return _xla_conv_canonical_grads if kh == kw > 1 and stride == 1 else _dot_conv
+    ynnpack_dots = cpu_kernels == "ynnpack_dots"
     if _use_dots(x_shape, kernel_shape, stride):
-        # JAX's own gradient of the products. `_dot_conv` gives the same gradients to float
-        # rounding (1e-6), but on "default" it moved the suite's 8-step fine-tune off the
-        # trajectory its loss bound was set on; not switched over without that test rerun.
-        return _dot_conv_sum
-    if _use_dot_kernel_grad(x_shape):
+        if kh == kw == 1:  # one matrix product ("default": JAX's gradient of it keeps only x, as _dot_conv's)
+            return _dot_conv if ynnpack_dots else _dot_conv_sum
+        if ynnpack_dots and stride == 1:
+            return _xla_conv_canonical_grads
+        return _xla_conv_dot_grads
+    if not ynnpack_dots and _use_dot_kernel_grad(x_shape):
         return _xla_conv_dot_kernel_grad
     return None
 
