@@ -31,6 +31,11 @@ concurrency-optimised schedule, "memory" compiles the step with
 `xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED` (a per-compile option).
 `--malloc-trim`: the JAX child calls glibc's `malloc_trim(0)` after compiling, returning
 the heap XLA's compiler freed (~1.2 GB for R-50-FPN, otherwise still resident) to the OS.
+`--mmap-threshold-mb X`: both children pin glibc's mmap threshold at X MiB from the start
+(JAX as `train.malloc_mmap_threshold_mb` does, `host_memory.pin_mmap_threshold`; torch
+through glibc's `MALLOC_MMAP_THRESHOLD_`), so freed step buffers leave the process
+instead of fragmenting the heap; without it glibc's threshold adapts, and the peak moves
+between runs.
 
 On a GPU machine, `--device gpu` times the JAX side only (bfloat16 and float32, larger
 batches) for comparison with Detectron2's published per-GPU figures.
@@ -57,7 +62,12 @@ sys.path.insert(1, os.path.dirname(HERE))  # the repository: a plain checkout wo
 
 from _timing import machine_line, peak_rss_mb, print_table, reset_peak_rss  # noqa: E402
 from frcnn_jax.modeling.cpu_kernels import CPU_KERNELS  # noqa: E402
-from frcnn_jax.training.host_memory import CPU_SCHEDULERS, release_freed_heap, step_compiler_options  # noqa: E402
+from frcnn_jax.training.host_memory import (  # noqa: E402
+    CPU_SCHEDULERS,
+    pin_mmap_threshold,
+    release_freed_heap,
+    step_compiler_options,
+)
 
 SPECS = {
     # name: (arch, depth, image hw, canvas hw, batch, rpn per image, rois per image, Mask R-CNN)
@@ -256,6 +266,10 @@ def child_jax(
             "step_peak_mb": peak_rss_mb() if reset else None}  # fmt: skip
 
 
+def _mmap_note(args) -> str:
+    return f", glibc mmap threshold pinned at {args.mmap_threshold_mb:g} MiB" if args.mmap_threshold_mb > 0 else ""
+
+
 def _gb(mb, digits=1):
     return "-" if mb is None else f"{mb / 1024:.{digits}f}"
 
@@ -267,7 +281,10 @@ def run_child(fw, name, args, batch_file, dtype="float32", remat="none", schedul
            "--remat", remat, "--cpu-scheduler", scheduler, "--mask-buckets", str(args.mask_buckets),
            "--cpu-kernels", cpu_kernels]  # fmt: skip
     cmd += ["--malloc-trim"] if args.malloc_trim else []
+    cmd += ["--mmap-threshold-mb", str(args.mmap_threshold_mb)]
     env = dict(os.environ)
+    if args.mmap_threshold_mb > 0 and fw == "torch":  # the JAX child pins it itself, as the training loop does
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(args.mmap_threshold_mb * 2**20))
     if args.device == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -332,6 +349,10 @@ def main(argv=None):
     p.add_argument("--cpu-scheduler", default="default", help=f"with --remat: comma-separated, of {list(SCHEDULERS)}")
     p.add_argument("--malloc-trim", action="store_true", help="JAX: malloc_trim(0) after compiling (see above)")
     p.add_argument(
+        "--mmap-threshold-mb", type=float, default=0.0,
+        help="both children: pin glibc's mmap threshold at this many MiB (0: glibc's adaptive one; see above)",
+    )  # fmt: skip
+    p.add_argument(
         "--mask-buckets", type=int, default=0,
         help="Mask R-CNN: ModelConfig.mask.train_buckets (default: the R-50 recipe's, 3; 1 = all P = 128 slots)",
     )  # fmt: skip
@@ -351,6 +372,8 @@ def main(argv=None):
         spec = list(SPECS[args.name])
         if args.batch:
             spec[4] = args.batch
+        if args.child == "jax" and args.mmap_threshold_mb > 0:
+            pin_mmap_threshold(args.mmap_threshold_mb)
         if args.child == "torch":
             res = child_torch(args.name, spec, args.repeats, args.threads, args.batch_file)
         else:
@@ -386,7 +409,7 @@ def remat_main(args, tmp):
     rows = remat_table(args, settings, schedulers, tmp)
     print_table(
         f"Training step (forward, the losses (4; Mask R-CNN 5), backward, SGD) by ModelConfig.remat, CPU, {args.threads} threads"
-        f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}; "
+        f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}{_mmap_note(args)}; "
         f"torchvision {torchvision.__version__} (torch {torch.__version__}); {machine_line()}; {time.strftime('%Y-%m-%d')}",
         [
             "model",
@@ -449,7 +472,7 @@ def default_main(args, tmp):
 
         print_table(
             f"Training step (forward, the losses (4; Mask R-CNN 5), backward, SGD), CPU, {args.threads} threads"
-            f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}; torchvision "
+            f"{', JAX with malloc_trim after compiling' if args.malloc_trim else ''}{_mmap_note(args)}; torchvision "
             f"{torchvision.__version__} (torch {torch.__version__}); {machine_line()}",
             [
                 "model",

@@ -22,8 +22,10 @@ How the loop keeps an accelerator busy:
   starts their sharded `device_put` while the current step runs (`train.prefetch`
   batches ahead).
 - Memory: `train.xla_cpu_scheduler` picks XLA:CPU's schedule of the step ("memory"
-  lowers the peak, `training.host_memory`); with one canvas the step is compiled ahead
-  of the first call and the compiler's freed heap is returned to the OS
+  lowers the peak, `training.host_memory`); `train.malloc_mmap_threshold_mb` pins glibc's
+  mmap threshold, so freed step buffers leave the process instead of fragmenting its
+  heap; with one canvas the step is compiled ahead of the first call and the compiler's
+  freed heap is returned to the OS
   (`model.remat` trades recomputation for memory, `modeling.config.REMAT_PARTS`).
 - Checkpoints (`frcnn_jax.run_checkpoint`) hold the train state, the monitor and every
   process's input-iterator state in one orbax step, written asynchronously
@@ -164,6 +166,10 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Opt
     if t.xla_cpu_scheduler not in host_memory.CPU_SCHEDULERS:
         raise ValueError(
             f"train.xla_cpu_scheduler={t.xla_cpu_scheduler!r}: must be one of {tuple(host_memory.CPU_SCHEDULERS)}"
+        )
+    if float(t.malloc_mmap_threshold_mb) < 0:
+        raise ValueError(
+            f"train.malloc_mmap_threshold_mb={t.malloc_mmap_threshold_mb!r}: must be >= 0 (0: glibc's own)"
         )
     for name in ("eval_every", "eval_max_images", "visualize"):
         if int(t[name]) < 0:
@@ -395,6 +401,8 @@ def train_and_evaluate(
             "groups its own images by canvas, so hosts could otherwise disagree on a step's shape)"
         )
     _check_resume_compatible(workdir, config)
+    if float(config.train.malloc_mmap_threshold_mb) > 0:
+        host_memory.pin_mmap_threshold(float(config.train.malloc_mmap_threshold_mb))
     workdir.mkdir(parents=True, exist_ok=True)
     if is_writer:
         run_checkpoint.write_config(workdir, config.to_dict())
