@@ -175,7 +175,7 @@ def test_cpu_path_is_lowered_for_cpu_only(case, shape, k, stride, padding, monke
     monkeypatch.setattr(conv_lib, "_DOT_KERNEL_GRAD_MIN_ELEMENTS", 1)
     x, kernel = _inputs(*shape, 16, k)
     if "kernel gradient" in case:
-        assert not conv_lib._use_dots(x.shape, kernel.shape, stride) and conv_lib._use_dot_kernel_grad(x.shape)
+        assert not conv_lib._is_small_map(x.shape, kernel.shape, stride) and conv_lib._use_dot_kernel_grad(x.shape)
 
     def fwd_and_grads(x, kernel):
         y, vjp = jax.vjp(lambda a, b: conv_lib.conv2d(a, b, stride, padding, "auto"), x, kernel)

@@ -67,11 +67,9 @@ IMPLS = ("auto", "xla", "dot")
 _DOT_KERNEL_GRAD_MIN_ELEMENTS = 2**23
 
 
-def _use_dots(x_shape, kernel_shape, stride: int) -> bool:
-    """Whether the CPU lowering computes this convolution as shifted matrix products (static shapes)."""
-    kh, kw, cin, _ = kernel_shape
-    if kh == kw == 1:
-        return True
+def _is_small_map(x_shape, kernel_shape, stride: int) -> bool:
+    """Whether a k x k convolution runs on a batch of small maps (<= 256 outputs, >= 128 channels)."""
+    cin = kernel_shape[2]
     out_h, out_w = -(-x_shape[1] // stride), -(-x_shape[2] // stride)
     return out_h * out_w <= 256 and cin >= 128
 
@@ -258,12 +256,10 @@ def _cpu_lowering(x_shape, kernel_shape, stride: int, cpu_kernels: str = "defaul
     """The CPU-tuned `f(x, kernel, stride, padding)` for these static shapes, or None (XLA's conv is best)."""
     kh, kw = kernel_shape[:2]
     ynnpack_dots = cpu_kernels == "ynnpack_dots"
-    if _use_dots(x_shape, kernel_shape, stride):
-        if kh == kw == 1:  # one matrix product ("default": JAX's gradient of it keeps only x, as _dot_conv's)
-            return _dot_conv if ynnpack_dots else _dot_conv_sum
-        if ynnpack_dots and stride == 1:
-            return _xla_conv_canonical_grads
-        return _xla_conv_dot_grads
+    if kh == kw == 1:  # one matrix product ("default": JAX's gradient of it keeps only x, as _dot_conv's)
+        return _dot_conv if ynnpack_dots else _dot_conv_sum
+    if _is_small_map(x_shape, kernel_shape, stride):  # XLA's forward, hand-written gradients
+        return _xla_conv_canonical_grads if ynnpack_dots and stride == 1 else _xla_conv_dot_grads
     if not ynnpack_dots and _use_dot_kernel_grad(x_shape):
         return _xla_conv_dot_kernel_grad
     return None
