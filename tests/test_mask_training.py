@@ -70,12 +70,14 @@ def built(request):
     return model, init_variables(model, jax.random.key(0))
 
 
-def _mask_loss_and_grads(model, variables, batch):
+def _mask_loss_and_grads(model, variables, batch, *, with_temp_bytes=False):
     def fn(params):
         losses, _ = model.apply({**variables, "params": params}, batch, jax.random.key(1), method=FasterRCNN.losses)
         return losses["loss_mask"], losses
 
-    return jax.jit(jax.value_and_grad(fn, has_aux=True))(variables["params"])
+    compiled = jax.jit(jax.value_and_grad(fn, has_aux=True)).lower(variables["params"]).compile()
+    out = compiled(variables["params"])
+    return (out, compiled.memory_analysis().temp_size_in_bytes) if with_temp_bytes else out
 
 
 def _norm(tree) -> float:
@@ -184,16 +186,19 @@ def test_bucketed_mask_head_gives_the_loss_and_gradients_of_all_slots(arch, buck
 
     P = 16; FPN: buckets (8, 16), its batch's 3 positives take 8 slots; C4: (4, 8, 16), its 5
     take 8, past the smallest (1 slot fewer would drop positives). FPN keeps to 2 buckets:
-    each compiles its 4-level pooler's forward and backward once more.
+    each compiles its 4-level pooler's forward and backward once more. The buckets'
+    activations do not add up: the program's temporary buffers are those of P slots alone
+    (`resnet.remat_switch`; a plain differentiated switch holds every bucket's residuals).
     """
     base = {**(FPN if arch == "fpn" else C4), "roi_heads.assigner.batch_size_per_image": 64}
     batch = jax.tree.map(jnp.asarray, mask_batch(seed=0))
-    out = {}
+    out, temp = {}, {}
     for n in (1, buckets):
         model = FasterRCNN(ModelConfig.from_dict({**base, "mask.train_buckets": n}))
         variables = init_variables(model, jax.random.key(0))
-        (loss, _), grads = _mask_loss_and_grads(model, variables, batch)
+        ((loss, _), grads), temp[n] = _mask_loss_and_grads(model, variables, batch, with_temp_bytes=True)
         out[n] = float(loss), grads
+    assert temp[buckets] <= 1.02 * temp[1], temp
     _, t = jax.jit(functools.partial(model.apply, method=_reference_mask_loss))(variables, batch, jax.random.key(1))
     # the same samples (key 1) as the losses: which program ran
     assert int(mask_head.bucket_index(t["valid"], mask_head.slot_buckets(16, buckets))) == taken

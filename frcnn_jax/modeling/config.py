@@ -163,7 +163,9 @@ class MaskHeadConfig:
     smallest that holds every image's foreground ROIs (`lax.switch`): the same loss and
     gradients as P slots, at the cost of the positives the batch has (torchvision runs the
     head on exactly those); each bucket compiles once more (the R-50 mask recipes use 3:
-    their compile time doubles, their training step on COCO-like batches shortens). 1: always P.
+    their compile time doubles, their training step on COCO-like batches shortens). The
+    taken branch is recomputed in the backward pass (`resnet.remat_switch`), so the buckets
+    need no more memory than P slots. 1: always P.
     """
 
     enabled: bool = False

@@ -119,6 +119,50 @@ def remat_call(module: nn.Module, *args):
     return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(module, *args)
 
 
+def remat_switch(module: nn.Module, index_fn, branches, *args):
+    """`nn.switch(index_fn(*args), branches, module, *args)`, each branch rematerialised.
+
+    Differentiated directly, a switch's forward pass returns the residuals of every branch
+    (the taken one's, zeros for the others), all live until the backward pass: their sizes
+    add up. Here the forward pass keeps only `args` (and the module's variables), and the
+    backward pass is one switch whose branch i re-runs `branches[i]` and its VJP, so only
+    the taken branch's activations exist, and only there. The recomputation is tied to the
+    incoming cotangent as in `remat_call`. Values and gradients equal the plain switch's.
+
+    Args:
+      module: the calling module (bound); each branch is `f(module, *args)`.
+      index_fn: `index_fn(*args)` -> int32 scalar, the branch to run (clamped as in `lax.switch`).
+      branches: the branch functions.
+      args: their array (pytree) arguments.
+    """
+    definition = module.clone(parent=None)  # unbound copy to re-run in the backward pass
+
+    def call(mdl, *xs):
+        return nn.switch(index_fn(*xs), branches, mdl, *xs)
+
+    def forward(mdl, *xs):
+        return call(mdl, *xs), (mdl.variables, xs)
+
+    def backward(residuals, g):
+        variables, xs = residuals
+        params = variables.get("params", {})
+
+        def branch_vjp(branch):
+            def run(p, xs_):
+                def apply(p_, *xs__):
+                    return definition.apply({**variables, "params": p_}, *xs__, method=branch)
+
+                return jax.vjp(apply, p, *xs_)[1](g)
+
+            return run
+
+        xs = _after(xs, g)
+        params_t, *xs_t = jax.lax.switch(index_fn(*xs), [branch_vjp(b) for b in branches], params, xs)
+        return ({"params": params_t}, *xs_t)
+
+    return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(module, *args)
+
+
 def maybe_remat_call(module: nn.Module, *args, remat: bool):
     """`remat_call(module, *args)` if `remat` (and not initialising), else `module(*args)`."""
     if remat and not module.parent.is_initializing():

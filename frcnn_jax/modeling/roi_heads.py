@@ -40,6 +40,7 @@ from frcnn_jax.modeling.mask_head import (
 )
 from frcnn_jax.modeling.matcher import match
 from frcnn_jax.modeling.postprocess import postprocess_detections
+from frcnn_jax.modeling.resnet import remat_switch
 from frcnn_jax.modeling.sampler import sample_balanced, sampled_indices
 from frcnn_jax.ops import losses
 
@@ -196,7 +197,8 @@ class RoIHeads(nn.Module):
         keep) with a validity mask; FPN pools them again for its mask head, C4 reuses the
         box head's res5 output of those ROIs (maskrcnn-benchmark's shared feature extractor).
         The head runs on the fewest of `slot_buckets(P, cfg.mask.train_buckets)` slots that
-        hold every image's positives (`nn.switch`; exactly the loss of all P slots).
+        hold every image's positives (`resnet.remat_switch`: exactly the loss and gradients of
+        all P slots, with the memory of P slots alone).
         """
         cfg, heads = self.cfg, self.cfg.roi_heads
         targets = jax.vmap(
@@ -231,9 +233,19 @@ class RoIHeads(nn.Module):
             branches = [functools.partial(_mask_branch_loss, slots=n, canvas_hw=canvas_hw) for n in buckets]
             if len(branches) == 1:
                 out["loss_mask"] = branches[0](self, source, mt)
-            else:  # runs the head on the fewest slots that hold every image's positives: the same loss
-                out["loss_mask"] = nn.switch(bucket_index(mt["valid"], buckets), branches, self, source, mt)
+            else:  # the head on the fewest slots that hold every image's positives: the same loss
+                index = functools.partial(_bucket_of, buckets=buckets)
+                if self.is_initializing():
+                    out["loss_mask"] = nn.switch(index(source, mt), branches, self, source, mt)
+                else:  # each branch recomputed in the backward pass: the buckets' activations do not add up
+                    out["loss_mask"] = remat_switch(self, index, branches, source, mt)
         return out, jnp.sum(targets["valid"] & (targets["labels"] > 0), axis=1)
+
+
+def _bucket_of(source, mt, *, buckets: tuple[int, ...]):
+    """The branch of `RoIHeads.losses`' bucket switch: the fewest slots that hold every image's positives."""
+    del source
+    return bucket_index(mt["valid"], buckets)
 
 
 def _mask_branch_loss(heads: RoIHeads, source, mt, *, slots: int, canvas_hw):
