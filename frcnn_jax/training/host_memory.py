@@ -58,9 +58,10 @@ def pin_mmap_threshold(megabytes: float) -> bool:
     is freed (up to 32 MiB). After a training step has freed its buffers, the next step's
     therefore come from the heap arenas of whichever threads allocate them, where freed
     blocks fragment and stay resident. Pinning the threshold hands each large buffer back
-    to the OS when it is freed: the Mask R-CNN R-50-FPN step's peak (README, "Training
-    step") fell from 5.1-5.4 GB to 4.4-4.55 GB at 1 MiB, for ~4 % more time (fresh pages
-    are faulted in every step). It is process-wide, so `train_and_evaluate` sets it only
+    to the OS when it is freed: at 1 MiB the Mask R-CNN R-50-FPN step's peak (README,
+    "Training step") fell from 5.1-5.4 GB to 4.4-4.55 GB, and to 4.26 from 4.46-4.48 GB
+    once its bucket switch was rematerialised, for a few % more time (fresh pages are
+    faulted in every step). It is process-wide, so `train_and_evaluate` sets it only
     when `train.malloc_mmap_threshold_mb` asks. False where the C library is not glibc.
     """
     if megabytes <= 0:
