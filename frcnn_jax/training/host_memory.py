@@ -40,11 +40,21 @@ def release_freed_heap() -> bool:
     counting against the machine's RAM while the step runs. False where it is not glibc.
     """
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
+    libc.malloc_trim(0)
     return True
+
+
+def _glibc():
+    """The process's glibc (`ctypes.CDLL`), or None where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018  (glibc's own functions: absent elsewhere)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 # glibc <malloc.h>: mallopt's parameter number for the mmap threshold.
@@ -66,8 +76,5 @@ def pin_mmap_threshold(megabytes: float) -> bool:
     """
     if megabytes <= 0:
         raise ValueError(f"malloc_mmap_threshold_mb={megabytes!r}: must be > 0")
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(megabytes * 2**20)))
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(megabytes * 2**20)))
